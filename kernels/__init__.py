@@ -1,0 +1,21 @@
+"""dv3 kernels: DeBERTa-v3 disentangled attention, its reference and its fused Triton path.
+
+This package never imports ``engine`` or ``data_pipeline``.
+"""
+
+from kernels.attention import disentangled_attention
+from kernels.reference import disentangled_attention_reference
+from kernels.relative_position import log_bucket, relative_slots, relative_span, slot_of_distance
+
+# Marker that lets ``engine`` tell this package from Hugging Face's unrelated ``kernels``.
+DV3_KERNELS = True
+
+__all__ = [
+    "DV3_KERNELS",
+    "disentangled_attention",
+    "disentangled_attention_reference",
+    "log_bucket",
+    "relative_slots",
+    "relative_span",
+    "slot_of_distance",
+]

@@ -1,0 +1,42 @@
+"""Installation of dv3: the packages ``engine``, ``kernels``, ``data_pipeline`` and the ``dv3`` command."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "engine" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="dv3",
+    version=VERSION,
+    description="Pretraining DeBERTaV3 encoders (RTD + GDES) at cluster scale: DeepSpeed ZeRO-3, fused Triton attention",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "data_pipeline", "data_pipeline.*"]),
+    package_data={"": ["*.json", "*.sbatch", "*.sh"]},
+    # torch is not pinned: a GPU cluster keeps the build it has. `make test` pins the CPU build
+    # for the CPU development machine (scripts/bootstrap.sh).
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.2; platform_system == 'Linux'",
+        "deepspeed>=0.16",
+        "sentencepiece>=0.2",
+        "pyarrow>=15",
+        "mpi4py>=3.1",
+        "tensorboard>=2.15",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # The embedded default corpora: Wikipedia articles shipped in gensim's test data.
+        "corpus": ["gensim>=4.3", "mwparserfromhell>=0.6"],
+        "test": ["transformers>=4.45", "pytest>=8", "pytest-timeout>=2.3"],
+        "bench": ["transformers>=4.45", "datasets>=2.19"],
+    },
+    entry_points={"console_scripts": ["dv3 = engine.cli:main"]},
+)
