@@ -1,0 +1,203 @@
+"""Hugging Face interchange: ``DebertaV2*`` checkpoint folders in and out.
+
+Because dv3's modules carry HF's names, conversion is a prefix change. Reading accepts
+``model.safetensors`` (single or sharded with an index) and ``pytorch_model.bin`` (loaded
+with ``weights_only=True``); writing always uses safetensors and spells out every config
+field (HF's defaults are DeBERTa-v2-xlarge's, not v3's).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.config import EncoderConfig
+from engine.model import DebertaV3Model
+from engine.rtd import MaskedLMModel, ReplacedTokenDetectionModel
+
+# HF config fields that carry no model structure (or that dv3 fixes) and are ignored on read.
+_IGNORED_HF_FIELDS = {
+    "model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "pooler_hidden_size",
+    "pooler_dropout", "pooler_hidden_act", "legacy", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+    "output_hidden_states", "output_attentions", "return_dict", "id2label", "label2id", "problem_type",
+    "_name_or_path", "use_cache", "is_encoder_decoder", "chunk_size_feed_forward", "tokenizer_class",
+    "attention_head_size", "conv_kernel_size", "conv_groups", "conv_act", "z_steps", "max_length",
+    "num_labels", "finetuning_task", "vocab_type", "tie_encoder_decoder", "is_decoder", "add_cross_attention",
+}
+_HEAD_PREFIXES = ("lm_predictions.", "mask_predictions.", "cls.", "pooler.", "classifier.", "qa_outputs.")
+
+
+def encoder_config_from_hf(hf_config: dict, source: str = "config.json") -> EncoderConfig:
+    """Our ``EncoderConfig`` from a HF ``DebertaV2Config`` dict; unsupported settings are errors."""
+    if hf_config.get("model_type", "deberta-v2") != "deberta-v2":
+        raise ValueError(f"{source}: model_type={hf_config.get('model_type')!r}, expected 'deberta-v2'")
+    if hf_config.get("conv_kernel_size", 0):
+        raise ValueError(f"{source}: conv_kernel_size={hf_config['conv_kernel_size']} (the v2-xlarge conv layer) "
+                         "is not part of DeBERTa-v3; dv3 does not build it")
+    head_size = hf_config.get("attention_head_size")
+    if head_size is not None and head_size * hf_config["num_attention_heads"] != hf_config["hidden_size"]:
+        raise ValueError(f"{source}: attention_head_size={head_size} differs from hidden_size / num_attention_heads")
+    fields = {k: v for k, v in hf_config.items() if k not in _IGNORED_HF_FIELDS}
+    # HF's class defaults (v2-xlarge) apply to fields a file leaves out.
+    fields.setdefault("relative_attention", False)
+    fields.setdefault("position_biased_input", True)
+    fields.setdefault("position_buckets", -1)
+    fields.setdefault("norm_rel_ebd", "none")
+    fields.setdefault("share_att_key", False)
+    fields.setdefault("pos_att_type", [])
+    if fields.get("embedding_size") == fields.get("hidden_size"):
+        fields["embedding_size"] = None
+    if fields.get("pad_token_id") is None:
+        fields["pad_token_id"] = 0
+    try:
+        return EncoderConfig.from_dict(fields)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: {error}") from error
+
+
+def encoder_config_to_hf(config: EncoderConfig, architectures: list[str] | None = None, **extra) -> dict:
+    """A complete ``config.json`` dict: every structural field written out."""
+    hf = config.to_dict()
+    hf["embedding_size"] = config.word_embedding_size
+    hf.update(
+        model_type="deberta-v2",
+        architectures=architectures or ["DebertaV2Model"],
+        conv_kernel_size=0,
+        pooler_hidden_size=config.hidden_size,
+        pooler_dropout=0.0,
+        pooler_hidden_act="gelu",
+        legacy=False,
+        torch_dtype="float32",
+    )
+    hf.update(extra)
+    return hf
+
+
+def read_hf_config(path: str | Path) -> dict:
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: a HF model folder needs a config.json")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+
+
+def read_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a HF model folder (safetensors preferred; torch files with weights_only)."""
+    folder = Path(path)
+    single_st, index_st = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    single_bin, index_bin = folder / "pytorch_model.bin", folder / "pytorch_model.bin.index.json"
+    if single_st.is_file():
+        return load_file(single_st)
+    if index_st.is_file():
+        shards = sorted(set(json.loads(index_st.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
+    if single_bin.is_file():
+        return torch.load(single_bin, map_location="cpu", weights_only=True)
+    if index_bin.is_file():
+        shards = sorted(set(json.loads(index_bin.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(torch.load(folder / shard, map_location="cpu", weights_only=True))
+        return state
+    raise FileNotFoundError(f"{folder} holds no model.safetensors or pytorch_model.bin (nor a sharded index)")
+
+
+def _encoder_state(state: dict[str, torch.Tensor], keep_absolute_positions: bool) -> dict[str, torch.Tensor]:
+    """The ``DebertaV2Model`` part of a checkpoint, with any ``deberta.`` prefix removed."""
+    encoder: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(_HEAD_PREFIXES):
+            continue
+        name = key[len("deberta."):] if key.startswith("deberta.") else key
+        if name.endswith("position_ids"):
+            continue  # a buffer some older checkpoints saved
+        if name.startswith("embeddings.position_embeddings.") and not keep_absolute_positions:
+            continue  # Microsoft's checkpoints keep it although v3 never adds it to the input
+        encoder[name] = value
+    return encoder
+
+
+def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{source}: checkpoint does not match the model: missing {sorted(result.missing_keys)[:8]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:8]}"
+        )
+
+
+def load_hf_encoder(path: str | Path) -> DebertaV3Model:
+    """Our encoder from a ``DebertaV2Model``-style folder (any head in it is ignored)."""
+    config = encoder_config_from_hf(read_hf_config(path), source=str(Path(path) / "config.json"))
+    model = DebertaV3Model(config)
+    _load_strict(model, _encoder_state(read_hf_state_dict(path), keep_absolute_positions=False), str(path))
+    return model
+
+
+def load_hf_generator(path: str | Path, enhanced_mask_decoder: bool = False) -> MaskedLMModel:
+    """A generator from a folder holding Microsoft's MLM head (``lm_predictions.lm_head.*``)."""
+    config = encoder_config_from_hf(read_hf_config(path), source=str(Path(path) / "config.json"))
+    state = read_hf_state_dict(path)
+    if not any(key.startswith("lm_predictions.lm_head.") for key in state):
+        raise ValueError(f"{path}: no MLM head (lm_predictions.lm_head.*) in this checkpoint")
+    model = MaskedLMModel(config, enhanced_mask_decoder)
+    full = {f"deberta.{k}": v for k, v in _encoder_state(state, enhanced_mask_decoder).items()}
+    # HF's DebertaV2ForMaskedLM also saves `lm_predictions.lm_head.weight`, an alias of the tied
+    # word embedding; the head itself owns only dense, LayerNorm and bias.
+    full.update({k: v for k, v in state.items()
+                 if k.startswith("lm_predictions.lm_head.") and k != "lm_predictions.lm_head.weight"})
+    _load_strict(model, full, str(path))
+    return model
+
+
+def load_hf_discriminator(path: str | Path) -> ReplacedTokenDetectionModel:
+    """A discriminator from a folder holding Microsoft's RTD head (``mask_predictions.*``)."""
+    config = encoder_config_from_hf(read_hf_config(path), source=str(Path(path) / "config.json"))
+    state = read_hf_state_dict(path)
+    head = {
+        # Microsoft's RTD head spells its output layer "classifer".
+        key.replace("mask_predictions.classifer.", "mask_predictions.classifier."): value
+        for key, value in state.items()
+        if key.startswith("mask_predictions.")
+    }
+    if not head:
+        raise ValueError(f"{path}: no RTD head (mask_predictions.*) in this checkpoint")
+    model = ReplacedTokenDetectionModel(config)
+    full = {f"deberta.{k}": v for k, v in _encoder_state(state, keep_absolute_positions=False).items()}
+    full.update(head)
+    _load_strict(model, full, str(path))
+    return model
+
+
+def _write_folder(path: str | Path, config: dict, state: dict[str, torch.Tensor]) -> Path:
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def save_hf_encoder(encoder: DebertaV3Model, path: str | Path) -> Path:
+    """Write a folder that ``transformers.AutoModel.from_pretrained`` loads with no missing keys."""
+    state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("embeddings.position_embeddings.")}
+    return _write_folder(path, encoder_config_to_hf(encoder.config), state)
+
+
+def save_hf_generator(generator: MaskedLMModel, path: str | Path) -> Path:
+    """Write the generator as ``DebertaV2ForMaskedLM`` (``legacy=False``: Microsoft's head names).
+
+    HF has no Enhanced Mask Decoder: a generator trained with it loads, but predicts without it.
+    """
+    state = dict(generator.state_dict())
+    # The legacy=False head multiplies by the word embedding itself, so it is tied by construction;
+    # tie_word_embeddings=true would make transformers 5.x look for a `lm_head.weight` that does not
+    # exist and fail in from_pretrained.
+    config = encoder_config_to_hf(generator.config, architectures=["DebertaV2ForMaskedLM"],
+                                  tie_word_embeddings=False)
+    return _write_folder(path, config, state)
