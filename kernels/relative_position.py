@@ -18,6 +18,7 @@ a kernel is off by one at a few distances, so kernels read these tables instead.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -82,3 +83,133 @@ def relative_slots(
     distance = torch.arange(query_len)[:, None] - torch.arange(key_len)[None, :]
     slots = table[distance + max_distance]
     return slots if device is None else slots.to(device)
+
+
+# ---------------------------------------------------------------------------------------
+# Slot geometry: what a tiled kernel needs to know about slot(r) beyond the lookup table.
+# ---------------------------------------------------------------------------------------
+
+# Distances written for the edge slots' open ends; small enough that ``i - SENTINEL`` and
+# ``j + SENTINEL`` stay inside int32 for any sequence a kernel will see.
+DISTANCE_SENTINEL = 1 << 30
+
+
+@dataclass(frozen=True)
+class SlotGeometry:
+    """The slot map of one ``(position_buckets, max_relative_positions)`` pair, as kernels use it.
+
+    ``slot(r)`` is monotone in ``r``. Three regions follow from that:
+
+    * exact: ``exact_lo <= r <= exact_hi`` has ``slot(r) == r + span`` (a plain shift);
+    * edges: ``r >= far_hi`` has the last slot, ``r <= far_lo`` slot 0;
+    * log region in between, read from ``table``.
+
+    ``table[r + max_distance]`` is ``slot(r)`` for ``|r| <= max_distance``; ``max_distance``
+    reaches both edges, so ``slot(r) = table[clamp(r, -max_distance, max_distance) + max_distance]``
+    for every ``r``. ``first``/``last`` give, per slot, the range of distances mapped to it
+    (edge slots open-ended via ``DISTANCE_SENTINEL``; a slot no distance reaches has
+    ``first > last``). ``max_step`` is the largest ``slot(r + 1) - slot(r)``.
+    """
+
+    position_buckets: int
+    max_relative_positions: int
+    span: int
+    rows: int
+    max_distance: int
+    exact_lo: int
+    exact_hi: int
+    far_lo: int
+    far_hi: int
+    max_step: int
+    table: torch.Tensor
+    first: torch.Tensor
+    last: torch.Tensor
+
+    def band_width(self, block_m: int, block_n: int) -> int:
+        """Most slots one ``block_m x block_n`` tile can touch (its distances are ``block_m + block_n - 1`` consecutive values)."""
+        window = block_m + block_n - 2
+        slots = self.table.tolist()
+        last_index = len(slots) - 1
+        return max(slots[min(start + window, last_index)] - slots[start] for start in range(len(slots))) + 1
+
+    def to(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(table, first, last)`` on ``device`` (cached per device)."""
+        return _geometry_tensors(self.position_buckets, self.max_relative_positions, str(device))
+
+
+def _slot(distance: int, position_buckets: int, max_relative_positions: int, span: int) -> int:
+    return min(max(log_bucket(distance, position_buckets, max_relative_positions) + span, 0), 2 * span - 1)
+
+
+@lru_cache(maxsize=32)
+def slot_geometry(position_buckets: int, max_relative_positions: int) -> SlotGeometry:
+    """Build (once per pair) the :class:`SlotGeometry` for these settings."""
+    span = relative_span(position_buckets, max_relative_positions)
+    if span <= 0:
+        raise ValueError(
+            f"position_buckets={position_buckets} and max_relative_positions={max_relative_positions} "
+            "give an empty relative table"
+        )
+    rows = 2 * span
+
+    def slot(r: int) -> int:
+        return _slot(r, position_buckets, max_relative_positions, span)
+
+    # The log buckets grow without bound, so both edges are reached at a finite distance.
+    limit = 1 << 24
+    far_hi = 0
+    while slot(far_hi) != rows - 1:
+        far_hi += 1
+        if far_hi > limit:
+            raise ValueError(f"slot map never reaches its last slot for position_buckets={position_buckets}")
+    far_lo = 0
+    while slot(far_lo) != 0:
+        far_lo -= 1
+        if -far_lo > limit:
+            raise ValueError(f"slot map never reaches slot 0 for position_buckets={position_buckets}")
+    max_distance = max(far_hi, -far_lo, 1)
+    slots = [slot(r) for r in range(-max_distance, max_distance + 1)]
+
+    exact_hi = 0
+    while exact_hi + 1 <= max_distance and slots[exact_hi + 1 + max_distance] == exact_hi + 1 + span:
+        exact_hi += 1
+    exact_lo = 0
+    while exact_lo - 1 >= -max_distance and slots[exact_lo - 1 + max_distance] == exact_lo - 1 + span:
+        exact_lo -= 1
+    if slots[max_distance] != span:
+        raise ValueError(f"slot(0) is {slots[max_distance]}, expected {span}")
+
+    first = [1] * rows
+    last = [0] * rows
+    seen = [False] * rows
+    for offset, s in enumerate(slots):
+        r = offset - max_distance
+        if not seen[s]:
+            first[s], seen[s] = r, True
+        last[s] = r
+    first[0] = -DISTANCE_SENTINEL
+    last[rows - 1] = DISTANCE_SENTINEL
+    max_step = max(b - a for a, b in zip(slots, slots[1:]))
+    return SlotGeometry(
+        position_buckets=position_buckets,
+        max_relative_positions=max_relative_positions,
+        span=span,
+        rows=rows,
+        max_distance=max_distance,
+        exact_lo=exact_lo,
+        exact_hi=exact_hi,
+        far_lo=far_lo,
+        far_hi=far_hi,
+        max_step=max_step,
+        table=torch.tensor(slots, dtype=torch.int32),
+        first=torch.tensor(first, dtype=torch.int32),
+        last=torch.tensor(last, dtype=torch.int32),
+    )
+
+
+@lru_cache(maxsize=64)
+def _geometry_tensors(
+    position_buckets: int, max_relative_positions: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    geometry = slot_geometry(position_buckets, max_relative_positions)
+    return geometry.table.to(device), geometry.first.to(device), geometry.last.to(device)
