@@ -15,7 +15,7 @@ a parameter, only activations (ZeRO-3 partitions parameters outside their module
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -213,8 +213,8 @@ class Encoder(nn.Module):
         return hidden_states, all_hidden_states, rel_embeddings
 
 
-@dataclass
-class EncoderOutput:
+class EncoderOutput(NamedTuple):
+    # A NamedTuple (not a dataclass) so DeepSpeed ZeRO-3's module hooks can see the tensors in it.
     last_hidden_state: torch.Tensor
     hidden_states: list[torch.Tensor] | None = None  # embedding output, then each layer's output
     rel_embeddings: torch.Tensor | None = None  # the LayerNormed relative table (the EMD reuses it)

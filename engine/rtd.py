@@ -18,6 +18,7 @@ Embedding sharing (the paper's Figure 1):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -116,8 +117,8 @@ class ReplacedTokenDetectionModel(nn.Module):
         return self.mask_predictions(self.deberta(input_ids, attention_mask).last_hidden_state)
 
 
-@dataclass
-class RTDOutput:
+class RTDOutput(NamedTuple):
+    # A NamedTuple so DeepSpeed ZeRO-3's module hooks can find its tensors.
     loss: torch.Tensor
     mlm_loss: torch.Tensor
     rtd_loss: torch.Tensor
