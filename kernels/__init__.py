@@ -3,7 +3,12 @@
 This package never imports ``engine`` or ``data_pipeline``.
 """
 
-from kernels.attention import disentangled_attention
+from kernels.attention import (
+    attention_path_from_env,
+    disentangled_attention,
+    disentangled_attention_varlen,
+    select_attention_path,
+)
 from kernels.reference import disentangled_attention_reference
 from kernels.relative_position import log_bucket, relative_slots, relative_span, slot_of_distance
 
@@ -12,10 +17,13 @@ DV3_KERNELS = True
 
 __all__ = [
     "DV3_KERNELS",
+    "attention_path_from_env",
     "disentangled_attention",
+    "disentangled_attention_varlen",
     "disentangled_attention_reference",
     "log_bucket",
     "relative_slots",
     "relative_span",
+    "select_attention_path",
     "slot_of_distance",
 ]

@@ -654,6 +654,22 @@ class _Layout:
         return h * length * d, length * d, d, h * length, length
 
 
+def _poisoned() -> bool:
+    # Tests set DV3_KERNEL_POISON=1 so that any output element a kernel fails to write is NaN.
+    return os.environ.get("DV3_KERNEL_POISON", "0") == "1"
+
+
+def _output_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(x, float("nan")) if _poisoned() else torch.empty_like(x)
+
+
+def _output(shape, device) -> torch.Tensor:
+    fill = float("nan") if _poisoned() else None
+    if fill is None:
+        return torch.empty(shape, device=device, dtype=torch.float32)
+    return torch.full(shape, fill, device=device, dtype=torch.float32)
+
+
 def _edge_dots(x: torch.Tensor, table: torch.Tensor, layout: _Layout) -> torch.Tensor:
     """``x . table[0]`` and ``x . table[-1]`` per row, fp32, in the per-row layout with a trailing 2."""
     edges = table[:, [0, table.shape[1] - 1], :].float()  # [H, 2, D]
@@ -681,9 +697,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _forward(q, k, v, rel_key, rel_query, mask, cu, layout, geometry, scale, dropout_p, seed, tuner):
     tokens = q.shape[0] if layout.varlen else 0
-    o = torch.empty_like(q)
+    o = _output_like(q)
     lse_shape = (layout.heads, tokens) if layout.varlen else (layout.sequences, layout.heads, layout.max_len)
-    lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
+    lse = _output(lse_shape, q.device)
     edge_q = _edge_dots(q, rel_key, layout)
     edge_k = _edge_dots(k, rel_query, layout)
     slot, _, _ = geometry.to(q.device)
@@ -725,9 +741,9 @@ def _backward(q, k, v, rel_key, rel_query, mask, cu, o, lse, do, layout, geometr
         ROWS=rows, HEAD_DIM=head_dim, VARLEN=layout.varlen, HAS_MASK=mask is not None,
         DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
     )
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq = _output_like(q)
+    dk = _output_like(k)
+    dv = _output_like(v)
     results: dict[str, torch.Tensor] = {}
 
     def launch_dq(config, dq=dq, keep: bool = False):
