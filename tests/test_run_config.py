@@ -1,0 +1,108 @@
+"""The run configuration: file + flag overrides, validation that names the field."""
+
+import argparse
+import json
+
+import pytest
+
+from engine.run_config import (
+    ConfigError,
+    RunConfig,
+    add_config_flags,
+    build_run_config,
+    overrides_from_args,
+    read_config_file,
+)
+from engine.trainer import build_deepspeed_config
+
+
+def parse_flags(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    return overrides_from_args(parser.parse_args(argv))
+
+
+def test_flags_override_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  preset: xsmall\ntrain:\n  steps: 50\n  micro_batch: 4\n  global_batch: 8\n")
+    config = build_run_config(read_config_file(path), parse_flags(["--train.steps", "200", "--rtd.sharing", "nes",
+                                                                    "--data.dirs", "a,b", "--data.weights", "1,3"]))
+    assert config.model.preset == "xsmall"
+    assert config.train.steps == 200 and config.train.micro_batch == 4
+    assert config.rtd.sharing == "nes"
+    assert config.data.dirs == ["a", "b"] and config.data.weights == [1.0, 3.0]
+
+
+def test_json_config_and_defaults(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"optim": {"lr": 5e-4}, "output_dir": "runs/x"}))
+    config = build_run_config(read_config_file(path))
+    assert config.optim.lr == 5e-4 and config.output_dir == "runs/x"
+    assert config.rtd.rtd_lambda == 50.0 and config.optim.beta2 == 0.98 and config.optim.eps == 1e-6
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"train": {"steps": "many"}}, "train.steps: expected an integer"),
+    ({"train": {"stepz": 3}}, "train.stepz: unknown field"),
+    ({"trainer": {}}, "trainer: unknown section"),
+    ({"rtd": {"enhanced_mask_decoder": "maybe"}}, "rtd.enhanced_mask_decoder: expected true or false"),
+    ({"optim": {"lr": [1]}}, "optim.lr: expected a number"),
+])
+def test_bad_values_are_refused_naming_the_field(data, message):
+    with pytest.raises(ConfigError, match=message):
+        build_run_config(data)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.preset": "giant"}, "model.preset"),
+    ({"rtd.sharing": "both"}, "rtd.sharing"),
+    ({"rtd.masking": "span"}, "rtd.masking"),
+    ({"train.global_batch": 10, "train.micro_batch": 4}, "train.global_batch"),
+    ({"data.dirs": "a,b", "data.weights": "1"}, "data.weights"),
+    ({"train.deepspeed_config": "nowhere.json"}, "train.deepspeed_config"),
+    ({"resume": "/no/such/checkpoint"}, "resume"),
+])
+def test_validation_names_the_field(overrides, message):
+    config = build_run_config({"train": {"deepspeed_config": "ds_configs/cpu.json"}}, overrides)
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
+
+
+def test_global_batch_must_split_over_the_world():
+    config = build_run_config({}, {"train.global_batch": 24, "train.micro_batch": 4})
+    assert config.gradient_accumulation_steps(2) == 3
+    with pytest.raises(ConfigError, match="not divisible by train.micro_batch"):
+        config.gradient_accumulation_steps(4)
+
+
+def test_unparseable_config_file_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml does not parse"):
+        read_config_file(path)
+
+
+def test_deepspeed_config_gets_dv3_settings_and_refuses_disagreement(tmp_path):
+    config = build_run_config({}, {"train.global_batch": 16, "train.micro_batch": 4,
+                                   "train.deepspeed_config": "ds_configs/cpu.json"})
+    ds = build_deepspeed_config(config, accumulation=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 1.0
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.98] and ds["optimizer"]["params"]["torch_adam"] is True
+
+    conflicting = tmp_path / "ds.json"
+    conflicting.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3}}))
+    config = build_run_config({}, {"train.global_batch": 16, "train.micro_batch": 4,
+                                   "train.deepspeed_config": str(conflicting)})
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 disagrees"):
+        build_deepspeed_config(config, accumulation=2)
+
+
+def test_every_field_has_a_flag():
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    flags = {action.option_strings[0] for action in parser._actions if action.option_strings}
+    config = RunConfig()
+    for section in ("model", "rtd", "data", "optim", "train", "checkpoint", "log"):
+        for name in vars(getattr(config, section)):
+            assert f"--{section}.{name.replace('_', '-')}" in flags
