@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _subcommand_registrars():
     """Subcommands, in the order of a user's day; each import is cheap (heavy imports happen in ``func``)."""
-    registrars = []
+    from engine import slurm_submit
+
+    registrars = [slurm_submit.register]
     return registrars
 
 
