@@ -1,0 +1,41 @@
+"""``kernels.bench`` runs end to end on a CPU and writes the figures it printed as JSON."""
+
+import argparse
+import json
+
+import torch
+
+from kernels import bench
+from kernels.fused import interpreter_active
+
+
+def test_flop_count_is_the_design_count():
+    # B=2, H=12, L=8192, D=64, R=512: the anchor the peers publish (about 29 TFLOP/s at 53.8 ms).
+    total = bench.flop_count(2, 12, 8192, 64, 512, "forward+backward")
+    assert total == 2 * 12 * (14 * 8192**2 * 64 + 16 * 8192 * 512 * 64)
+    assert abs(total / 53.80e-3 / 1e12 - 29) < 1.5
+
+
+def test_bench_runs_on_cpu_and_writes_json(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench.configure_parser(parser)
+    paths = ["reference", "hf", "disentangled-flash"] + (["fused"] if interpreter_active() else [])
+    output = tmp_path / "bench.json"
+    args = parser.parse_args(
+        ["--device", "cpu", "--lengths", "24", "--tokens", "48", "--heads", "1", "--head-dim", "32",
+         "--position-buckets", "8", "--max-relative-positions", "32", "--repeats", "1",
+         "--paths", *paths, "--output", str(output)]
+    )
+    assert bench.run(args) == 0
+    payload = json.loads(output.read_text())
+    assert payload["environment"]["torch"] == torch.__version__
+    by_key = {(r["path"], r["level"]): r for r in payload["results"]}
+    reference = by_key[("reference", "layer")]
+    for mode in bench.MODES:
+        assert reference[mode]["ms"] > 0
+    # The reference path is HF's function: same layer output.
+    assert by_key[("hf", "layer")]["rel_error_vs_reference"] < 1e-5
+    assert "needs CUDA" in by_key[("disentangled-flash", "layer")]["skipped"]
+    if interpreter_active():
+        assert by_key[("fused", "layer")]["rel_error_vs_reference"] < 1e-5
+        assert any(key.endswith("vs reference") for key in payload["ratios"])
