@@ -60,13 +60,17 @@ _CANDIDATES: dict[str, tuple[KernelConfig, ...]] = {
         KernelConfig(64, 32, 4, 3),
         KernelConfig(128, 64, 4, 3),
     ),
+    # Band tiles of the backward hold two [tile, BAND] products, dS and the slot reduction
+    # at once: 8-warp variants keep them in registers where 4 warps would spill.
     "backward_dq": (
+        KernelConfig(64, 64, 8, 1),
         KernelConfig(64, 64, 4, 1),
         KernelConfig(64, 32, 4, 2),
         KernelConfig(128, 32, 8, 1),
         KernelConfig(32, 64, 4, 2),
     ),
     "backward_dkv": (
+        KernelConfig(64, 64, 8, 1),
         KernelConfig(64, 64, 4, 1),
         KernelConfig(32, 64, 4, 2),
         KernelConfig(32, 128, 8, 1),
