@@ -2,14 +2,16 @@
 
 Each sample gets exactly ``max(1, round(mask_prob * n))`` masked positions out of its ``n``
 maskable tokens (never ``[CLS]``, ``[SEP]``, padding or other special ids), chosen by
-counter-based hashing rather than a stateful RNG: the same sample masked on any rank, in
-any worker, after any resume, gets the same mask. A new epoch gives a new mask.
+counter-based hashing rather than a stateful RNG: the same sample masked on any rank, in any
+worker, after any resume, gets the same mask. A new epoch gives a new mask.
 
 Strategies (what a selected position becomes):
 
 - ``rtd``:     all ``[MASK]`` (the official DeBERTaV3 RTD recipe)
 - ``bert``:    80% ``[MASK]``, 10% a random token, 10% unchanged
 - ``electra``: 85% ``[MASK]``, 15% unchanged
+
+A random replacement token is never a special id, ``[MASK]`` or (when given) ``[UNK]``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from data_pipeline.hashing import derive_key, splitmix64
 
 IGNORE_INDEX = -100
 
@@ -55,25 +59,35 @@ class MaskedBatch:
         return self.mlm_labels != IGNORE_INDEX
 
 
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_POSITION_STRIDE = np.uint64(0xD1B54A32D192ED03)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """A well-mixed 64-bit hash of each element (uint64 arithmetic wraps by design)."""
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
-        return x ^ (x >> np.uint64(31))
+def _hash_bits(seed: int, epoch: int, sample_indices: np.ndarray, length: int, stream: int) -> np.ndarray:
+    """``[B, length]`` uint64 hashes, a pure function of (seed, epoch, sample, position, stream)."""
+    key = derive_key(seed, epoch, stream)
+    samples = splitmix64(sample_indices.astype(np.uint64) ^ key)
+    counters = samples[:, None] + np.arange(length, dtype=np.uint64)[None, :] * _POSITION_STRIDE
+    return splitmix64(counters)
 
 
 def _uniform(seed: int, epoch: int, sample_indices: np.ndarray, length: int, stream: int) -> np.ndarray:
-    """``[B, length]`` floats in [0, 1), a pure function of (seed, epoch, sample, position, stream)."""
-    key = _splitmix64(np.array([(seed * 1_000_003 + epoch) * 8 + stream], dtype=np.uint64))[0]
-    samples = _splitmix64(sample_indices.astype(np.uint64) ^ key)
-    with np.errstate(over="ignore"):
-        counters = samples[:, None] + np.arange(length, dtype=np.uint64)[None, :] * np.uint64(0xD1B54A32D192ED03)
-    return (_splitmix64(counters) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    """``[B, length]`` floats in [0, 1)."""
+    return (_hash_bits(seed, epoch, sample_indices, length, stream) >> np.uint64(11)).astype(np.float64) * (
+        1.0 / (1 << 53)
+    )
+
+
+def _random_tokens(hashes: np.ndarray, vocab_size: int, excluded: Sequence[int]) -> np.ndarray:
+    """Uniform ids in ``[0, vocab_size)`` minus ``excluded``: draw among the allowed count, then step
+    over each excluded id in increasing order."""
+    excluded = sorted({int(i) for i in excluded if 0 <= int(i) < vocab_size})
+    allowed = vocab_size - len(excluded)
+    if allowed <= 0:
+        raise ValueError(f"vocab_size {vocab_size} leaves no token for random replacement")
+    ids = ((hashes >> np.uint64(11)).astype(np.float64) * (allowed / (1 << 53))).astype(np.int64)
+    for token in excluded:
+        ids += ids >= token
+    return ids
 
 
 def mask_batch(
@@ -87,8 +101,12 @@ def mask_batch(
     mask_token_id: int,
     vocab_size: int,
     special_token_ids: Sequence[int] = (0, 1, 2),
+    unk_token_id: int | None = None,
 ) -> MaskedBatch:
-    """Mask a ``[B, L]`` batch; ``sample_indices`` are the samples' global indices in the dataset."""
+    """Mask a ``[B, L]`` batch; ``sample_indices`` are the samples' global indices in the dataset.
+
+    ``vocab_size`` includes ``[MASK]``. ``unk_token_id``, when given, is never drawn as a random
+    replacement (it may still be masked, as any text token)."""
     ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
     mask = np.asarray(attention_mask.cpu() if isinstance(attention_mask, torch.Tensor) else attention_mask)
     indices = np.asarray(
@@ -101,25 +119,30 @@ def mask_batch(
         )
     batch, length = ids.shape
 
-    maskable = (mask != 0) & ~np.isin(ids, np.asarray(list(special_token_ids) + [mask_token_id], dtype=np.int64))
+    never = np.asarray(sorted(set(special_token_ids) | {mask_token_id}), dtype=np.int64)
+    maskable = mask != 0
+    maskable &= ~np.isin(ids, never)
     n_maskable = maskable.sum(axis=1)
     n_select = np.where(n_maskable > 0, np.maximum(1, np.rint(config.mask_prob * n_maskable)), 0).astype(np.int64)
 
     # The n_select maskable positions with the smallest hash are selected.
-    priority = np.where(maskable, _uniform(seed, epoch, indices, length, stream=0), 2.0)
-    rank = np.empty_like(priority, dtype=np.int64)
-    np.put_along_axis(rank, np.argsort(priority, axis=1, kind="stable"), np.arange(length)[None, :], axis=1)
+    priority = np.where(maskable, _hash_bits(seed, epoch, indices, length, stream=0), np.uint64(0xFFFFFFFFFFFFFFFF))
+    order = np.argsort(priority, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(length)[None, :], axis=1)
     selected = rank < n_select[:, None]
 
     mask_fraction, random_fraction = MASKING_STRATEGIES[config.strategy]
-    action = _uniform(seed, epoch, indices, length, stream=1)
-    to_mask = selected & (action < mask_fraction)
-    to_random = selected & (action >= mask_fraction) & (action < mask_fraction + random_fraction)
-
     masked = ids.copy()
-    masked[to_mask] = mask_token_id
-    if to_random.any():
-        random_ids = (_uniform(seed, epoch, indices, length, stream=2) * vocab_size).astype(np.int64)
-        masked[to_random] = random_ids[to_random]
+    if mask_fraction >= 1.0:
+        masked[selected] = mask_token_id
+    else:
+        action = _uniform(seed, epoch, indices, length, stream=1)
+        masked[selected & (action < mask_fraction)] = mask_token_id
+        to_random = selected & (action >= mask_fraction) & (action < mask_fraction + random_fraction)
+        if to_random.any():
+            excluded = list(never) + ([unk_token_id] if unk_token_id is not None else [])
+            random_ids = _random_tokens(_hash_bits(seed, epoch, indices, length, stream=2), vocab_size, excluded)
+            masked[to_random] = random_ids[to_random]
     labels = np.where(selected, ids, IGNORE_INDEX)
     return MaskedBatch(masked_input_ids=torch.from_numpy(masked), mlm_labels=torch.from_numpy(labels))
