@@ -804,6 +804,12 @@ def unsupported_reason(q: torch.Tensor) -> str | None:
     return None
 
 
+def _same_dtype_contiguous(q, k, v, rel_key, rel_query) -> list[torch.Tensor]:
+    # The kernels' dots need one operand dtype; under autocast the relative projections can
+    # come out in another. The cast happens outside the autograd function, so it is differentiated.
+    return [t.to(q.dtype).contiguous() for t in (q, k, v, rel_key, rel_query)]
+
+
 def _draw_seed(dropout_p: float) -> int:
     # Drawn from torch's CPU generator: reproducible under torch.manual_seed, restored by
     # activation checkpointing, and it costs no device synchronisation.
@@ -849,7 +855,7 @@ def fused_disentangled_attention(
         mask = attention_mask.to(device=q.device, dtype=torch.int8).contiguous()
     seed = _draw_seed(dropout_p) if seed is None else int(seed)
     return _FusedAttention.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), rel_key.contiguous(), rel_query.contiguous(),
+        *_same_dtype_contiguous(q, k, v, rel_key, rel_query),
         mask, None, layout, geometry, float(scale if scale is not None else (3 * head_dim) ** -0.5),
         float(dropout_p), seed, tuner_for(config),
     )
@@ -884,7 +890,7 @@ def fused_disentangled_attention_varlen(
     layout = _Layout(varlen=True, sequences=cu.numel() - 1, heads=heads, max_len=int(max_seqlen), head_dim=head_dim)
     seed = _draw_seed(dropout_p) if seed is None else int(seed)
     return _FusedAttention.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), rel_key.contiguous(), rel_query.contiguous(),
+        *_same_dtype_contiguous(q, k, v, rel_key, rel_query),
         None, cu, layout, geometry, float(scale if scale is not None else (3 * head_dim) ** -0.5),
         float(dropout_p), seed, tuner_for(config),
     )
