@@ -286,8 +286,10 @@ def train_tokenizer(
     except RuntimeError as error:
         message = str(error).strip().splitlines()[-1]
         hint = ""
-        if "Vocabulary size too high" in message or "vocab_size" in message.lower():
+        if "Vocabulary size too high" in message:
             hint = "; the corpus is too small for this many pieces: pass a smaller --vocab-size"
+        elif "required_chars" in message:
+            hint = "; the corpus has more distinct characters than pieces: pass a larger --vocab-size or a lower --character-coverage"
         raise TokenizerError(f"SentencePiece training failed: {message}{hint}") from error
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.with_name(f".tmp-{output.name}.{os.getpid()}")
