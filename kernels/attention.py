@@ -188,7 +188,7 @@ def disentangled_attention_varlen(
         )
     # Reference: each sequence on its own, as a batch of one.
     outputs = []
-    for start, end in zip(boundaries[:-1].tolist(), boundaries[1:].tolist()):
+    for start, end in zip(boundaries[:-1].tolist(), boundaries[1:].tolist(), strict=True):
         piece = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
         out = disentangled_attention_reference(
             *piece, rel_key, rel_query, None,

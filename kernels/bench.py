@@ -28,7 +28,6 @@ import argparse
 import datetime
 import importlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -323,7 +322,6 @@ def _measure(shape: Shape, call: Callable[[list[torch.Tensor]], torch.Tensor], i
             "tflops": round(flops / (milliseconds * 1e-3) / 1e12, 3),
             "peak_bytes": _peak_bytes(fn, shape.device),
         }
-    del out
     return results
 
 
@@ -410,7 +408,7 @@ def run(args) -> int:
                     if level == "layer":
                         fn = _layer_fn(shape, path, hf_layer)
                         inputs = [hidden, rel]
-                        call = lambda xs, fn=fn: fn(xs[0], xs[1], mask)  # noqa: E731
+                        call = lambda xs, fn=fn, mask=mask: fn(xs[0], xs[1], mask)  # noqa: E731
                     else:
                         attend = _attention_fn(shape, path)
                         inputs = _attention_inputs(shape, hf_layer, hidden, rel)

@@ -242,7 +242,7 @@ def _fwd_tile(
 
 @triton.jit(do_not_specialize=["row_stride_z", "row_stride_h", "seq_len", "seed", "rng_len"])
 def _fwd_kernel(
-    Q, K, V, KR, QR, EDGE_Q, EDGE_K, MASK, CU, SLOT, O, LSE,
+    Q, K, V, KR, QR, EDGE_Q, EDGE_K, MASK, CU, SLOT, OUT, LSE,
     stride_z, stride_h, stride_l, row_stride_z, row_stride_h,
     seq_len, num_heads, sm_scale, dropout_p, seed, rng_len,
     max_distance, exact_lo, exact_hi, far_lo, far_hi,
@@ -321,7 +321,7 @@ def _fwd_kernel(
         )
 
     out = acc / l_i[:, None]
-    tl.store(O + base + offs_m[:, None] * stride_l + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(OUT + base + offs_m[:, None] * stride_l + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + row_base + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
 
@@ -380,9 +380,9 @@ def _bwd_dq_tile(
     return dq, g
 
 
-@triton.jit(do_not_specialize=["row_stride_z", "row_stride_h", "seq_len", "seed", "rng_len"])
-def _bwd_dq_kernel(
-    Q, K, V, KR, QR, EDGE_Q, EDGE_K, MASK, CU, SLOT, FIRST, LAST, DO, LSE, DELTA, DQ, DKR_PART,
+@triton.jit
+def _bwd_dq_block(
+    Q, K, V, KR, QR, EDGE_Q, EDGE_K, MASK, SLOT, FIRST, LAST, DO, LSE, DELTA, DQ, part, z, h, pid_m, start, n_len,
     stride_z, stride_h, stride_l, row_stride_z, row_stride_h,
     seq_len, num_heads, sm_scale, dropout_p, seed, rng_len,
     max_distance, exact_lo, exact_hi, far_lo, far_hi,
@@ -390,20 +390,13 @@ def _bwd_dq_kernel(
     BAND: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    zh = tl.program_id(1)
-    z = zh // num_heads
-    h = zh % num_heads
-    start, n_len = _sequence(CU, z, seq_len, VARLEN)
+    """One query block (sequence z, head h, rows from ``start``): dq, and d(rel_key) added into ``part``."""
     i0 = pid_m * BLOCK_M
-    if i0 >= n_len:
-        return
-
+    zh = z * num_heads + h
     base = z.to(tl.int64) * stride_z + h.to(tl.int64) * stride_h + start.to(tl.int64) * stride_l
     row_base = z.to(tl.int64) * row_stride_z + h.to(tl.int64) * row_stride_h + start
     mask_base = z.to(tl.int64) * seq_len
     rng_base = zh.to(tl.int64) * rng_len * rng_len
-    part = DKR_PART + (zh.to(tl.int64) * tl.num_programs(0) + pid_m) * (ROWS * HEAD_DIM)
     offs_m = i0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -501,9 +494,9 @@ def _bwd_dkv_tile(
     return dk, dv, g
 
 
-@triton.jit(do_not_specialize=["row_stride_z", "row_stride_h", "seq_len", "seed", "rng_len"])
-def _bwd_dkv_kernel(
-    Q, K, V, KR, QR, EDGE_Q, EDGE_K, MASK, CU, SLOT, FIRST, LAST, DO, LSE, DELTA, DK, DV, DQR_PART,
+@triton.jit
+def _bwd_dkv_block(
+    Q, K, V, KR, QR, EDGE_Q, EDGE_K, MASK, SLOT, FIRST, LAST, DO, LSE, DELTA, DK, DV, part, z, h, pid_n, start, n_len,
     stride_z, stride_h, stride_l, row_stride_z, row_stride_h,
     seq_len, num_heads, sm_scale, dropout_p, seed, rng_len,
     max_distance, exact_lo, exact_hi, far_lo, far_hi,
@@ -511,20 +504,13 @@ def _bwd_dkv_kernel(
     BAND: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    zh = tl.program_id(1)
-    z = zh // num_heads
-    h = zh % num_heads
-    start, n_len = _sequence(CU, z, seq_len, VARLEN)
+    """One key block (sequence z, head h, rows from ``start``): dk, dv, and d(rel_query) added into ``part``."""
     j0 = pid_n * BLOCK_N
-    if j0 >= n_len:
-        return
-
+    zh = z * num_heads + h
     base = z.to(tl.int64) * stride_z + h.to(tl.int64) * stride_h + start.to(tl.int64) * stride_l
     row_base = z.to(tl.int64) * row_stride_z + h.to(tl.int64) * row_stride_h + start
     mask_base = z.to(tl.int64) * seq_len
     rng_base = zh.to(tl.int64) * rng_len * rng_len
-    part = DQR_PART + (zh.to(tl.int64) * tl.num_programs(0) + pid_n) * (ROWS * HEAD_DIM)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     cols = j0 + tl.arange(0, BLOCK_N)
@@ -592,6 +578,74 @@ def _bwd_dkv_kernel(
     _add_to_row(part, 0, offs_d, tl.sum(g_lo[:, None] * k32, 0), HEAD_DIM)
     tl.store(DK + base + cols[:, None] * stride_l + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + base + cols[:, None] * stride_l + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+# The backward grids are (programs per head, heads). Program p of head h walks a contiguous
+# run of (sequence, block) items and adds its relative-table gradient into its own partial
+# slice; the number of slices (hence their memory) is fixed by the grid, not by the tokens.
+
+
+@triton.jit
+def _item_range(items):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    return (pid * items) // programs, ((pid + 1) * items) // programs
+
+
+@triton.jit(do_not_specialize=["row_stride_z", "row_stride_h", "seq_len", "seed", "rng_len", "items", "blocks"])
+def _bwd_dq_kernel(
+    Q, K, V, KR, QR, EDGE_Q, EDGE_K, MASK, CU, SLOT, FIRST, LAST, DO, LSE, DELTA, DQ, DKR_PART,
+    stride_z, stride_h, stride_l, row_stride_z, row_stride_h,
+    seq_len, num_heads, sm_scale, dropout_p, seed, rng_len,
+    max_distance, exact_lo, exact_hi, far_lo, far_hi, items, blocks,
+    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BAND: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    h = tl.program_id(1)
+    part = DKR_PART + (h.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * (ROWS * HEAD_DIM)
+    first, last = _item_range(items)
+    for item in range(first, last):
+        z = item // blocks
+        block = item % blocks
+        start, n_len = _sequence(CU, z, seq_len, VARLEN)
+        if block * BLOCK_M < n_len:  # packed sequences shorter than the longest have fewer blocks
+            _bwd_dq_block(
+                Q, K, V, KR, QR, EDGE_Q, EDGE_K, MASK, SLOT, FIRST, LAST, DO, LSE, DELTA, DQ, part,
+                z, h, block, start, n_len,
+                stride_z, stride_h, stride_l, row_stride_z, row_stride_h,
+                seq_len, num_heads, sm_scale, dropout_p, seed, rng_len,
+                max_distance, exact_lo, exact_hi, far_lo, far_hi,
+                ROWS, HEAD_DIM, BLOCK_M, BLOCK_N, BAND, VARLEN, HAS_MASK, DROPOUT, DOT_PRECISION,
+            )
+
+
+@triton.jit(do_not_specialize=["row_stride_z", "row_stride_h", "seq_len", "seed", "rng_len", "items", "blocks"])
+def _bwd_dkv_kernel(
+    Q, K, V, KR, QR, EDGE_Q, EDGE_K, MASK, CU, SLOT, FIRST, LAST, DO, LSE, DELTA, DK, DV, DQR_PART,
+    stride_z, stride_h, stride_l, row_stride_z, row_stride_h,
+    seq_len, num_heads, sm_scale, dropout_p, seed, rng_len,
+    max_distance, exact_lo, exact_hi, far_lo, far_hi, items, blocks,
+    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BAND: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    h = tl.program_id(1)
+    part = DQR_PART + (h.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * (ROWS * HEAD_DIM)
+    first, last = _item_range(items)
+    for item in range(first, last):
+        z = item // blocks
+        block = item % blocks
+        start, n_len = _sequence(CU, z, seq_len, VARLEN)
+        if block * BLOCK_N < n_len:  # packed sequences shorter than the longest have fewer blocks
+            _bwd_dkv_block(
+                Q, K, V, KR, QR, EDGE_Q, EDGE_K, MASK, SLOT, FIRST, LAST, DO, LSE, DELTA, DK, DV, part,
+                z, h, block, start, n_len,
+                stride_z, stride_h, stride_l, row_stride_z, row_stride_h,
+                seq_len, num_heads, sm_scale, dropout_p, seed, rng_len,
+                max_distance, exact_lo, exact_hi, far_lo, far_hi,
+                ROWS, HEAD_DIM, BLOCK_M, BLOCK_N, BAND, VARLEN, HAS_MASK, DROPOUT, DOT_PRECISION,
+            )
 
 
 # ---------------------------------------------------------------------------------------
@@ -690,6 +744,20 @@ def _band(geometry: SlotGeometry, block_m: int, block_n: int) -> int:
     return max(16, triton.next_power_of_2(geometry.band_width(block_m, block_n)))
 
 
+def backward_programs(items: int, heads: int, device: torch.device) -> int:
+    """Programs per head of a backward pass: about 8 per multiprocessor in all.
+
+    Each program owns one ``[2k, D]`` fp32 partial slice, so this also bounds their memory
+    (about 1000 slices of 128 KiB for v3 at D=64 on an H100, whatever the batch). On the CPU
+    (interpreter) a deliberately small number makes programs walk several items, unevenly.
+    """
+    if device.type == "cuda":
+        target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = int(os.environ.get("DV3_KERNEL_CPU_PROGRAMS", "3"))
+    return max(1, min(items, triton.cdiv(target, heads)))
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs must not silently drop to tf32: the fp32 path is the exact one.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -735,7 +803,7 @@ def _backward(q, k, v, rel_key, rel_query, mask, cu, o, lse, do, layout, geometr
     dummy = slot
     mask_arg = mask if mask is not None else dummy
     cu_arg = cu if cu is not None else dummy
-    rows, head_dim, zh = geometry.rows, layout.head_dim, layout.sequences * layout.heads
+    rows, head_dim = geometry.rows, layout.head_dim
     common = _common_args(layout, geometry, tokens, scale, dropout_p, seed)
     flags = dict(
         ROWS=rows, HEAD_DIM=head_dim, VARLEN=layout.varlen, HAS_MASK=mask is not None,
@@ -746,27 +814,35 @@ def _backward(q, k, v, rel_key, rel_query, mask, cu, o, lse, do, layout, geometr
     dv = _output_like(v)
     results: dict[str, torch.Tensor] = {}
 
+    heads = layout.heads
+
     def launch_dq(config, dq=dq, keep: bool = False):
-        programs = triton.cdiv(layout.max_len, config.block_m)
-        part = torch.zeros(zh * programs, rows, head_dim, device=q.device, dtype=torch.float32)
-        _bwd_dq_kernel[(programs, zh)](
+        blocks = triton.cdiv(layout.max_len, config.block_m)
+        items = layout.sequences * blocks
+        programs = backward_programs(items, heads, q.device)
+        part = torch.zeros(heads * programs, rows, head_dim, device=q.device, dtype=torch.float32)
+        _bwd_dq_kernel[(programs, heads)](
             q, k, v, rel_key, rel_query, edge_q, edge_k, mask_arg, cu_arg, slot, first, last, do, lse, delta, dq, part,
-            *common, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BAND=_band(geometry, config.block_m, config.block_n),
+            *common, items, blocks,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BAND=_band(geometry, config.block_m, config.block_n),
             num_warps=config.num_warps, num_stages=config.num_stages, **flags,
         )
         if keep:
-            results["d_rel_key"] = part.view(layout.sequences, layout.heads, programs, rows, head_dim).sum((0, 2))
+            results["d_rel_key"] = part.view(heads, programs, rows, head_dim).sum(1)
 
     def launch_dkv(config, dk=dk, dv=dv, keep: bool = False):
-        programs = triton.cdiv(layout.max_len, config.block_n)
-        part = torch.zeros(zh * programs, rows, head_dim, device=q.device, dtype=torch.float32)
-        _bwd_dkv_kernel[(programs, zh)](
+        blocks = triton.cdiv(layout.max_len, config.block_n)
+        items = layout.sequences * blocks
+        programs = backward_programs(items, heads, q.device)
+        part = torch.zeros(heads * programs, rows, head_dim, device=q.device, dtype=torch.float32)
+        _bwd_dkv_kernel[(programs, heads)](
             q, k, v, rel_key, rel_query, edge_q, edge_k, mask_arg, cu_arg, slot, first, last, do, lse, delta, dk, dv, part,
-            *common, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BAND=_band(geometry, config.block_m, config.block_n),
+            *common, items, blocks,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BAND=_band(geometry, config.block_m, config.block_n),
             num_warps=config.num_warps, num_stages=config.num_stages, **flags,
         )
         if keep:
-            results["d_rel_query"] = part.view(layout.sequences, layout.heads, programs, rows, head_dim).sum((0, 2))
+            results["d_rel_query"] = part.view(heads, programs, rows, head_dim).sum(1)
 
     has_mask, dropout = mask is not None, dropout_p > 0.0
     launch_dq(tuner("backward_dq", q, layout, has_mask, dropout, geometry, launch_dq), keep=True)

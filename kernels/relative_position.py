@@ -189,7 +189,7 @@ def slot_geometry(position_buckets: int, max_relative_positions: int) -> SlotGeo
         last[s] = r
     first[0] = -DISTANCE_SENTINEL
     last[rows - 1] = DISTANCE_SENTINEL
-    max_step = max(b - a for a, b in zip(slots, slots[1:]))
+    max_step = max(b - a for a, b in zip(slots, slots[1:], strict=False))
     return SlotGeometry(
         position_buckets=position_buckets,
         max_relative_positions=max_relative_positions,

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import kernels
-from kernels import attention as dispatch
 from kernels.fused import interpreter_active
 from kernels.tuning import ConfigCache, KernelConfig, length_bucket
 
