@@ -420,21 +420,28 @@ class DocumentReader:
             "mediawiki": self._read_mediawiki,
             "fortune": self._read_fortune,
         }
-        index = 0
+        index = -1
+        piece = 0
+        counted_split = counted_utf8 = False
         try:
-            for text, replaced in readers[file.format](file, progress):
+            for text, replaced, continued in readers[file.format](file, progress):
+                if not continued:
+                    if not text.strip():
+                        self.stats.empty_documents += 1
+                        continue
+                    self.stats.documents += 1
+                    index, piece = index + 1, 0
+                    counted_split = counted_utf8 = False
                 pieces = split_long_text(text, self.config.max_document_chars)
-                if len(pieces) > 1:
+                if (continued or len(pieces) > 1) and not counted_split:
                     self.stats.split_documents += 1
-                if replaced:
+                    counted_split = True
+                if replaced and not counted_utf8:
                     self.stats.invalid_utf8_documents += 1
-                if not text.strip():
-                    self.stats.empty_documents += 1
-                    continue
-                self.stats.documents += 1
-                for number, piece in enumerate(pieces):
-                    yield Document(text=piece, language=file.language, source=file.key, index=index, piece=number)
-                index += 1
+                    counted_utf8 = True
+                for text_piece in pieces:
+                    yield Document(text=text_piece, language=file.language, source=file.key, index=index, piece=piece)
+                    piece += 1
         except (OSError, EOFError, lzma.LZMAError) as error:
             raise CorpusError(f"cannot read {file.path}: {error} (truncated or corrupt file?)") from error
 
@@ -444,7 +451,8 @@ class DocumentReader:
         if progress is not None:
             progress(file.size)
 
-    # Each reader yields (text, replacements) for every document, empty ones included.
+    # Each reader yields (text, replacements, continued) for every document, empty ones included;
+    # ``continued`` marks the next bounded piece of a document too large to hold at once.
 
     def _lines(self, file: InputFile, progress) -> Iterator[tuple[str, int]]:
         with open_binary(file.path, progress) as stream:
@@ -456,14 +464,15 @@ class DocumentReader:
                     first = False
                 yield text.rstrip("\r\n"), replaced
 
-    def _read_text(self, file: InputFile, progress) -> Iterator[tuple[str, int]]:
+    def _read_text(self, file: InputFile, progress) -> Iterator[tuple[str, int, bool]]:
         if self.config.text_unit == "line":
-            yield from self._lines(file, progress)
+            for line, replaced in self._lines(file, progress):
+                yield line, replaced, False
             return
         block: list[str] = []
         size = 0
         replaced_in_block = 0
-        oversized = False
+        continuing = False
         for line, replaced in self._lines(file, progress):
             if line.strip():
                 block.append(line)
@@ -472,32 +481,29 @@ class DocumentReader:
                 if size < self.config.max_document_chars:
                     continue
                 # A block without blank lines can be arbitrarily large: emit it in bounded pieces.
-                if not oversized:
-                    self.stats.split_documents += 1
-                    oversized = True
-                yield "\n".join(block), replaced_in_block
-                block, size, replaced_in_block = [], 0, 0
+                yield "\n".join(block), replaced_in_block, continuing
+                block, size, replaced_in_block, continuing = [], 0, 0, True
                 continue
             if block:
-                yield "\n".join(block), replaced_in_block
-            block, size, replaced_in_block, oversized = [], 0, 0, False
+                yield "\n".join(block), replaced_in_block, continuing
+            block, size, replaced_in_block, continuing = [], 0, 0, False
         if block:
-            yield "\n".join(block), replaced_in_block
+            yield "\n".join(block), replaced_in_block, continuing
 
-    def _read_fortune(self, file: InputFile, progress) -> Iterator[tuple[str, int]]:
+    def _read_fortune(self, file: InputFile, progress) -> Iterator[tuple[str, int, bool]]:
         entry: list[str] = []
         replaced_in_entry = 0
         for line, replaced in self._lines(file, progress):
             if line.strip() == "%":
-                yield _ANSI_ESCAPE.sub("", "\n".join(entry)), replaced_in_entry
+                yield _ANSI_ESCAPE.sub("", "\n".join(entry)), replaced_in_entry, False
                 entry, replaced_in_entry = [], 0
             else:
                 entry.append(line)
                 replaced_in_entry += replaced
         if entry:
-            yield _ANSI_ESCAPE.sub("", "\n".join(entry)), replaced_in_entry
+            yield _ANSI_ESCAPE.sub("", "\n".join(entry)), replaced_in_entry, False
 
-    def _read_jsonl(self, file: InputFile, progress) -> Iterator[tuple[str, int]]:
+    def _read_jsonl(self, file: InputFile, progress) -> Iterator[tuple[str, int, bool]]:
         field_name = self.config.text_field
         for number, (line, replaced) in enumerate(self._lines(file, progress), start=1):
             if not line.strip():
@@ -512,14 +518,14 @@ class DocumentReader:
             if field_name not in record:
                 self._malformed(file, number, f"no field {field_name!r}")
                 continue
-            yield record[field_name] or "", replaced
+            yield record[field_name] or "", replaced, False
 
     def _malformed(self, file: InputFile, line: int, reason: str) -> None:
         self.stats.malformed_records += 1
         if self.stats.malformed_records <= 10:
             logger.warning("skipping %s line %d: %s", file.path, line, reason)
 
-    def _read_parquet(self, file: InputFile, progress) -> Iterator[tuple[str, int]]:
+    def _read_parquet(self, file: InputFile, progress) -> Iterator[tuple[str, int, bool]]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -538,11 +544,11 @@ class DocumentReader:
         for group in range(parquet.num_row_groups):
             table = parquet.read_row_group(group, columns=[column])
             for value in table.column(0).to_pylist():
-                yield value or "", 0
+                yield value or "", 0, False
             if progress is not None:
                 progress(file.size // groups)
 
-    def _read_mediawiki(self, file: InputFile, progress) -> Iterator[tuple[str, int]]:
+    def _read_mediawiki(self, file: InputFile, progress) -> Iterator[tuple[str, int, bool]]:
         import xml.etree.ElementTree as ElementTree
 
         try:
@@ -559,7 +565,7 @@ class DocumentReader:
                     )
                     element.clear()
                     if is_article and not is_redirect:
-                        yield clean_wikitext(wikitext), 0
+                        yield clean_wikitext(wikitext), 0, False
         except ElementTree.ParseError as error:
             raise CorpusError(f"{file.path} is not valid MediaWiki XML: {error}") from error
 
@@ -580,6 +586,9 @@ _WIKI_TAIL = re.compile(
 _WIKI_REF = re.compile(r"<ref[^>]*?/>|<ref[^>]*?>.*?</ref\s*>", re.S | re.I)
 _WIKI_COMMENT = re.compile(r"<!--.*?-->", re.S)
 _WIKI_NON_TEXT_LINKS = ("file:", "image:", "category:", "media:")
+_WIKI_IMAGE_LINE = re.compile(
+    r"^\s*(?:\[\[\s*(?:File|Image):|(?:thumb|thumbnail|frame|frameless|left|right|center|upright[=0-9.]*)\|)", re.I
+)
 
 
 def clean_wikitext(wikitext: str) -> str:
@@ -597,14 +606,18 @@ def clean_wikitext(wikitext: str) -> str:
     wikitext = _WIKI_REF.sub("", _WIKI_COMMENT.sub("", wikitext))
     wikitext = _drop_wiki_tables(wikitext)
     code = mwparserfromhell.parse(wikitext)
-    for link in code.filter_wikilinks(recursive=False):
-        if str(link.title).strip().lower().startswith(_WIKI_NON_TEXT_LINKS):
-            try:
-                code.remove(link)
-            except ValueError:  # already removed with its parent
-                pass
+    # Filtering the top-level node list is linear; Wikicode.remove searches the tree for each node.
+    code.nodes = [
+        node
+        for node in code.nodes
+        if not (
+            isinstance(node, mwparserfromhell.nodes.Wikilink)
+            and str(node.title).strip().lower().startswith(_WIKI_NON_TEXT_LINKS)
+        )
+    ]
     text = code.strip_code(normalize=True, collapse=True)
-    lines = [line.strip() for line in text.split("\n")]
+    # Image captions whose link the parser could not close survive as "thumb|..." lines.
+    lines = [line.strip() for line in text.split("\n") if not _WIKI_IMAGE_LINE.match(line)]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 

@@ -485,6 +485,7 @@ def _prepare_part(
     stats = CorpusStats()
     reader = DocumentReader(config.reader, stats)
     writer = _PartWriter(config, part)
+    tally = _DocumentTally(stats)
     num_threads = config.num_threads or default_num_threads()
     total = sum(file.size for file in files)
     description = "tokenizing" if config.num_parts == 1 else f"tokenizing part {part}/{config.num_parts}"
@@ -496,10 +497,11 @@ def _prepare_part(
             batch.append(document)
             batch_chars += len(document.text)
             if len(batch) >= _ENCODE_BATCH_DOCUMENTS or batch_chars >= _ENCODE_BATCH_CHARS:
-                _encode_batch(batch, tokenizer, num_threads, writer, stats, config)
+                _encode_batch(batch, tokenizer, num_threads, writer, tally, config)
                 batch, batch_chars = [], 0
         if batch:
-            _encode_batch(batch, tokenizer, num_threads, writer, stats, config)
+            _encode_batch(batch, tokenizer, num_threads, writer, tally, config)
+        tally.flush()
         shards = writer.finish()
     except BaseException as error:
         writer.abort()
@@ -546,27 +548,44 @@ def _empty_corpus_message(files: Sequence[InputFile], stats: CorpusStats) -> str
     return "the corpus is empty: no document has any text (" + ", ".join(details) + ")"
 
 
+class _DocumentTally:
+    """Counts each document once in the corpus statistics, summing the pieces of a document cut for
+    length (its pieces arrive one after another)."""
+
+    def __init__(self, stats: CorpusStats) -> None:
+        self.stats = stats
+        self._current: list | None = None  # [source, index, language, characters, tokens, split]
+
+    def add(self, document: Document, tokens: int, split: str) -> None:
+        current = self._current
+        if current is not None and current[0] == document.source and current[1] == document.index:
+            current[3] += len(document.text)
+            current[4] += tokens
+            return
+        self.flush()
+        self._current = [document.source, document.index, document.language, len(document.text), tokens, split]
+
+    def flush(self) -> None:
+        if self._current is not None:
+            _, _, language, characters, tokens, split = self._current
+            self.stats.count_document(language, characters, tokens, split)
+            self._current = None
+
+
 def _encode_batch(
     batch: Sequence[Document],
     tokenizer: SentencePieceTokenizer,
     num_threads: int,
     writer: _PartWriter,
-    stats: CorpusStats,
+    tally: _DocumentTally,
     config: PrepareConfig,
 ) -> None:
     encoded = tokenizer.encode([document.text for document in batch], num_threads=num_threads)
     for document, ids in zip(batch, encoded, strict=True):
-        split = (
-            "validation"
-            if _is_validation(config.split_seed, document.source, document.index, config.validation_fraction)
-            else "train"
-        )
-        if document.piece == 0:
-            stats.count_document(document.language, len(document.text), len(ids), split)
-        else:  # a later piece of a document cut for length: same document, more text
-            entry = stats.languages[document.language]
-            entry["characters"] += len(document.text)
-            entry["tokens"] += len(ids)
+        # Every piece of a document goes to the same split: the choice hashes the document, not the piece.
+        held_out = _is_validation(config.split_seed, document.source, document.index, config.validation_fraction)
+        split = "validation" if held_out else "train"
+        tally.add(document, len(ids), split)
         if ids:
             writer.add(document.language, split, ids)
 
