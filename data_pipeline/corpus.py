@@ -334,13 +334,18 @@ def decode_utf8(raw: bytes, stats: CorpusStats) -> tuple[str, int]:
         return text, replaced
 
 
-def _not_text_reason(path: Path) -> str | None:
-    """Why ``path`` does not look like UTF-8 text (NUL bytes, mostly undecodable), or None."""
+def _head(path: Path, size: int) -> bytes:
+    """The first ``size`` decompressed bytes; a file that cannot be read is an error, not a skip."""
     try:
         with open_binary(path) as stream:
-            head = stream.read(_SNIFF_BYTES)
+            return stream.read(size)
     except (OSError, EOFError, lzma.LZMAError) as error:
-        return f"cannot be read or decompressed ({error})"
+        raise CorpusError(f"cannot read {path}: {error} (truncated or corrupt file?)") from error
+
+
+def _not_text_reason(path: Path) -> str | None:
+    """Why ``path`` does not look like UTF-8 text (NUL bytes, mostly undecodable), or None."""
+    head = _head(path, _SNIFF_BYTES)
     if b"\x00" in head:
         return "holds NUL bytes (binary, or UTF-16 text; convert it to UTF-8)"
     if head:
@@ -353,11 +358,7 @@ def _not_text_reason(path: Path) -> str | None:
 
 def _not_xml_reason(path: Path) -> str | None:
     """XML may be UTF-16 (the parser reads its byte order mark), so only its first character is checked."""
-    try:
-        with open_binary(path) as stream:
-            head = stream.read(4096)
-    except (OSError, EOFError, lzma.LZMAError) as error:
-        return f"cannot be read or decompressed ({error})"
+    head = _head(path, 4096)
     for bom, encoding in ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")):
         if head.startswith(bom):
             head = head[len(bom) :].decode(encoding, errors="replace").encode("utf-8")
