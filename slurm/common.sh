@@ -75,10 +75,21 @@ dv3_setup_env() {
 dv3_master_addr() {
   if [ -n "${DV3_MASTER_ADDR:-}" ]; then
     echo "$DV3_MASTER_ADDR"
-  else
-    # `scontrol show hostnames` only expands the list locally: no call to slurmctld per task.
-    scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
+    return
   fi
+  # `scontrol show hostnames` expands the list locally: no call to slurmctld per task.
+  local first
+  # The timeout: scontrol retries for a minute when SLURM_CONF names a missing file.
+  first=$(timeout 20 scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)
+  if [ -z "$first" ]; then
+    # scontrol without a readable slurm.conf: the first host of "prefix[07-09,12]suffix,..." by hand.
+    if [[ $SLURM_JOB_NODELIST =~ ^([^,\[]+)\[([0-9]+)[^]]*\]([^,]*) ]]; then
+      first="${BASH_REMATCH[1]}${BASH_REMATCH[2]}${BASH_REMATCH[3]}"
+    else
+      first="${SLURM_JOB_NODELIST%%,*}"
+    fi
+  fi
+  echo "$first"
 }
 
 # A port from the job id, so concurrent jobs sharing a first node do not collide; the restart

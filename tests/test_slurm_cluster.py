@@ -1,0 +1,215 @@
+"""On a real SLURM cluster: two virtual nodes on this machine (scripts/local_slurm.sh).
+
+The fixture starts the cluster (root only, as in CI) and stops it afterwards, leaving nothing
+running; a cluster that was already up is used and left up. The jobs here run the real srun
+launch path of the templates (slurm/srun_task.sh) with a real torch.distributed rendezvous; the
+pretrain template itself is exercised end to end with `dv3 pretrain` in its own tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.slurm_submit import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+LOCAL_SLURM = REPO_ROOT / "scripts" / "local_slurm.sh"
+SRUN_TASK = REPO_ROOT / "slurm" / "srun_task.sh"
+# The installed console script, as users run it.
+DV3 = [str(Path(sys.executable).with_name("dv3"))]
+
+
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory) -> dict[str, str]:
+    """The environment for talking to the local cluster (SLURM_CONF set)."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (slurmd, munged)")
+    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
+        pytest.skip("no SLURM and no apt-get to install it")
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "DV3_SLURM_DIR": os.environ.get("DV3_SLURM_DIR", "/tmp/dv3-slurm")}
+    was_up = subprocess.run([str(LOCAL_SLURM), "status"], env=env, capture_output=True).returncode == 0
+    started = subprocess.run([str(LOCAL_SLURM), "start"], env=env, capture_output=True, text=True, timeout=600)
+    assert started.returncode == 0, started.stdout + started.stderr
+    match = re.search(r"^export SLURM_CONF=(\S+)$", started.stdout, re.M)
+    assert match, started.stdout
+    env["SLURM_CONF"] = match.group(1)
+    env["DV3_RUNS_ROOT"] = str(state / "runs")
+    yield env
+    if not was_up:
+        pids = _daemon_pids(Path(env["DV3_SLURM_DIR"]))
+        stopped = subprocess.run([str(LOCAL_SLURM), "stop"], env=env, capture_output=True, text=True, timeout=180)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        alive = [pid for pid in pids if _alive(pid)]
+        assert not alive, f"daemons still running after stop: {alive}"
+
+
+def _daemon_pids(folder: Path) -> list[int]:
+    return [int(p.read_text()) for p in (folder / "run").glob("*.pid") if p.read_text().strip().isdigit()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def slurm(env: dict[str, str], *cmd: str, timeout: float = 60) -> str:
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)}: {result.stderr}"
+    return result.stdout
+
+
+def wait_for_job(env: dict[str, str], job_id: str, timeout: float = 180) -> dict[str, str]:
+    """Poll until the job has finished; returns `scontrol show job` as a dict."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fields = dict(re.findall(r"(\w+)=(\S*)", slurm(env, "scontrol", "show", "job", job_id)))
+        if fields["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return fields
+        assert time.monotonic() < deadline, f"job {job_id} still {fields['JobState']} after {timeout}s"
+        time.sleep(0.5)
+
+
+def test_start_is_idempotent_and_both_virtual_nodes_are_idle(slurm_env):
+    again = subprocess.run([str(LOCAL_SLURM), "start"], env=slurm_env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    nodes = dict(line.split() for line in slurm(slurm_env, "sinfo", "-h", "-N", "-o", "%N %t").splitlines())
+    assert set(nodes) == {"n1", "n2"}
+    assert set(nodes.values()) <= {"idle", "mix", "alloc"}
+    status = subprocess.run([str(LOCAL_SLURM), "status"], env=slurm_env, capture_output=True, text=True)
+    assert status.returncode == 0 and "slurmd n2 running" in status.stdout
+
+
+# Every task joins a real gloo process group with the variables srun_task.sh gave it.
+RENDEZVOUS = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch, torch.distributed as dist
+    dist.init_process_group("gloo")
+    total = torch.tensor([dist.get_rank() + 1])
+    dist.all_reduce(total)
+    keys = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURMD_NODENAME", "SLURM_JOB_ID"]
+    record = {k: os.environ[k] for k in keys} | {"sum": int(total), "world": dist.get_world_size()}
+    with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(record, f)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_submitted_two_node_job_gives_each_task_its_rank_and_a_working_rendezvous(slurm_env, tmp_path):
+    script = tmp_path / "rendezvous.py"
+    script.write_text(RENDEZVOUS)
+    results = tmp_path / "results"
+    results.mkdir()
+    # An sbatch script that launches like pretrain.sbatch does: srun, one task per node, the wrapper.
+    template = tmp_path / "rendezvous.sbatch"
+    template.write_text(
+        textwrap.dedent(
+            f"""\
+            #!/usr/bin/env bash
+            #SBATCH --job-name=dv3-rendezvous
+            #SBATCH --time=5
+            set -uo pipefail
+            source "$DV3_HOME/slurm/common.sh"
+            dv3_setup_env
+            srun --cpus-per-task=1 "$DV3_HOME/slurm/srun_task.sh" python {script} "$1"
+            """
+        )
+    )
+    submitted = subprocess.run(
+        [*DV3, "slurm", "submit", str(template), "--nodes", "2", "--ntasks-per-node", "1", "--cpus-per-task", "1",
+         "--", str(results)],
+        env=slurm_env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = re.search(r"^submitted job (\d+)$", submitted.stdout, re.M).group(1)
+    assert submitted.stdout.splitlines()[0].startswith("sbatch --parsable --nodes=2 --ntasks-per-node=1")
+    log = Path(slurm_env["DV3_RUNS_ROOT"]) / "slurm-logs" / f"dv3-rendezvous-{job_id}.out"
+    assert str(log) in submitted.stdout
+
+    job = wait_for_job(slurm_env, job_id)
+    assert job["JobState"] == "COMPLETED", log.read_text()
+    ranks = [json.loads((results / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["RANK"] for r in ranks] == ["0", "1"]
+    assert {r["SLURMD_NODENAME"] for r in ranks} == {"n1", "n2"}, "one task on each virtual node"
+    assert all(r["LOCAL_RANK"] == "0" and r["WORLD_SIZE"] == "2" and r["world"] == 2 for r in ranks)
+    assert all(r["MASTER_ADDR"] == "n1" for r in ranks), "the first host of the allocation"
+    assert all(r["MASTER_PORT"] == str(10000 + int(job_id) % 20000) for r in ranks), "derived from the job id"
+    assert all(r["sum"] == 3 for r in ranks), "the all-reduce went through the rendezvous"
+
+
+# Stops like dv3 pretrain on preemption: a flag on USR1, then exit 75.
+STOP_ON_USR1 = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    got = []
+    signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+    print("ready", os.environ["RANK"], os.environ["SLURM_JOB_ID"], flush=True)
+    deadline = time.monotonic() + 60
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sys.exit(75 if got else 1)
+    """
+)
+
+
+def test_usr1_to_the_job_steps_reaches_every_task_and_each_records_75(slurm_env, tmp_path):
+    status_dir = tmp_path / "status"
+    status_dir.mkdir()
+    env = {**slurm_env, "DV3_STATUS_DIR": str(status_dir)}
+    step = subprocess.Popen(
+        ["srun", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=3", "--job-name=dv3-usr1",
+         str(SRUN_TASK), sys.executable, "-c", STOP_ON_USR1],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        ready = [step.stdout.readline().split() for _ in range(2)]
+        assert sorted(r[1] for r in ready) == ["0", "1"], ready
+        job_id = ready[0][2]
+        # What `--signal=USR1@<lead>` does before the time limit: USR1 to every step's tasks.
+        slurm(slurm_env, "scancel", "--signal=USR1", job_id)
+        status = step.wait(timeout=60)
+    finally:
+        if step.poll() is None:
+            os.killpg(step.pid, signal.SIGKILL)
+    assert status == 75, step.stderr.read()
+    assert {p.name: p.read_text().strip() for p in status_dir.iterdir()} == {"rank-0": "75", "rank-1": "75"}
+
+
+def test_refused_submissions_reach_no_queue(slurm_env, tmp_path):
+    def marker_job() -> int:
+        out = slurm(slurm_env, "sbatch", "--parsable", "--hold", f"--output={tmp_path}/m-%j.out", "--wrap", "true")
+        job_id = out.strip().split(";")[0]
+        slurm(slurm_env, "scancel", job_id)
+        return int(job_id)
+
+    before = marker_job()
+    for argv in (
+        ["pretrain", "--partition", "gpu;hostname"],
+        ["pretrain", "--nodes", "two"],
+        ["pretrain", "--", "--config", str(tmp_path / "missing.yaml")],
+        ["pretrain", "--", "--train.name", "$(touch /tmp/pwned)"],
+    ):
+        result = subprocess.run(
+            [*DV3, "slurm", "submit", *argv], env=slurm_env, cwd=tmp_path, capture_output=True, text=True
+        )
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "sbatch" not in result.stdout
+    # SLURM numbers jobs consecutively: nothing was submitted between the two markers.
+    assert marker_job() == before + 1
