@@ -178,39 +178,63 @@ class _BatchBuilder:
         self.seed = seed
         self.return_indices = return_indices
 
-    def __call__(self, index: _BatchIndex) -> dict[str, torch.Tensor]:
+    def arrays(self, index: _BatchIndex) -> dict[str, np.ndarray]:
+        """The batch as numpy arrays: what a worker sends back (pickled through a pipe, which is much
+        cheaper than torch's per-tensor shared-memory segments for batches this size)."""
         ids = np.zeros((len(index.samples), self.info.seq_len), dtype=np.int64)
         self.reader.gather(index.shard_ids, index.rows, ids)
-        input_ids = torch.from_numpy(ids)
-        attention_mask = (input_ids != self.info.pad_token_id).long()
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        attention_mask = (ids != self.info.pad_token_id).astype(np.int64)
+        batch = {"input_ids": ids, "attention_mask": attention_mask}
         if self.masking is not None:
-            masked = np.empty_like(ids)
-            labels = np.empty_like(ids)
-            # A batch straddling an epoch boundary is masked per epoch (masks change each epoch).
-            for epoch in np.unique(index.epochs):
-                members = index.epochs == epoch
-                result = mask_batch(
-                    ids[members],
-                    attention_mask.numpy()[members],
-                    index.samples[members],
-                    seed=self.seed,
-                    epoch=int(epoch),
-                    config=self.masking,
-                    mask_token_id=self.info.mask_token_id,
-                    vocab_size=self.info.vocab_size,
-                    special_token_ids=self.info.special_token_ids,
-                    unk_token_id=self.info.unk_token_id,
-                )
-                masked[members] = result.masked_input_ids.numpy()
-                labels[members] = result.mlm_labels.numpy()
-            batch["masked_input_ids"] = torch.from_numpy(masked)
-            batch["mlm_labels"] = torch.from_numpy(labels)
+            epochs = np.unique(index.epochs)
+            if len(epochs) == 1:
+                masked, labels = self._mask(ids, attention_mask, index.samples, int(epochs[0]))
+            else:  # a batch straddling an epoch boundary is masked per epoch (masks change each epoch)
+                masked, labels = np.empty_like(ids), np.empty_like(ids)
+                for epoch in epochs:
+                    members = index.epochs == epoch
+                    masked[members], labels[members] = self._mask(
+                        ids[members], attention_mask[members], index.samples[members], int(epoch)
+                    )
+            batch["masked_input_ids"] = masked
+            batch["mlm_labels"] = labels
         if self.masking is not None or self.return_indices:
-            batch["sample_index"] = torch.from_numpy(index.samples.astype(np.int64))
+            batch["sample_index"] = index.samples.astype(np.int64)
         if self.return_indices:
-            batch["row_index"] = torch.from_numpy(index.row_ids.astype(np.int64))
+            batch["row_index"] = index.row_ids.astype(np.int64)
         return batch
+
+    def _mask(
+        self, ids: np.ndarray, attention_mask: np.ndarray, samples: np.ndarray, epoch: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        result = mask_batch(
+            ids,
+            attention_mask,
+            samples,
+            seed=self.seed,
+            epoch=epoch,
+            config=self.masking,
+            mask_token_id=self.info.mask_token_id,
+            vocab_size=self.info.vocab_size,
+            special_token_ids=self.info.special_token_ids,
+            unk_token_id=self.info.unk_token_id,
+        )
+        return result.masked_input_ids.numpy(), result.mlm_labels.numpy()
+
+    def __call__(self, index: _BatchIndex) -> dict[str, torch.Tensor]:
+        return _to_tensors(self.arrays(index))
+
+
+def _to_tensors(arrays: dict[str, np.ndarray], pin_memory: bool = False) -> dict[str, torch.Tensor]:
+    tensors = {key: torch.from_numpy(value) for key, value in arrays.items()}
+    if pin_memory:
+        tensors = {key: value.pin_memory() for key, value in tensors.items()}
+    return tensors
+
+
+def _keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """collate_fn of the worker DataLoader: leave the numpy arrays alone (no tensors in workers)."""
+    return batch
 
 
 class _WorkerDataset(torch.utils.data.Dataset):
@@ -219,8 +243,8 @@ class _WorkerDataset(torch.utils.data.Dataset):
     def __init__(self, builder: _BatchBuilder) -> None:
         self.builder = builder
 
-    def __getitem__(self, index: _BatchIndex) -> dict[str, torch.Tensor]:
-        return self.builder(index)
+    def __getitem__(self, index: _BatchIndex) -> dict[str, np.ndarray]:
+        return self.builder.arrays(index)
 
 
 class PretrainLoader:
@@ -507,18 +531,19 @@ class PretrainLoader:
         indices = self._batch_indices(start)
         if self.num_workers == 0:
             for index in indices:
-                yield self._builder(index)
+                yield _to_tensors(self._builder.arrays(index), self.pin_memory)
             return
         loader = torch.utils.data.DataLoader(
             _WorkerDataset(self._builder),
             batch_size=None,
             sampler=indices,
+            collate_fn=_keep,
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor,
-            pin_memory=self.pin_memory,
             persistent_workers=False,
         )
-        yield from loader
+        for arrays in loader:
+            yield _to_tensors(arrays, self.pin_memory)
 
     def close(self) -> None:
         """Stop worker processes (they also stop when the loader is garbage collected)."""

@@ -90,6 +90,37 @@ def _random_tokens(hashes: np.ndarray, vocab_size: int, excluded: Sequence[int])
     return ids
 
 
+_NOT_MASKABLE = np.uint64(0xFFFFFFFFFFFFFFFF)
+_POSITION_BITS = np.uint64(16)
+
+
+def _priorities(seed: int, epoch: int, indices: np.ndarray, length: int, maskable: np.ndarray) -> np.ndarray:
+    """Per position a hash with the position in its low bits, so no two positions of a row tie;
+    positions that may not be masked get the largest value."""
+    if length > 1 << 16:
+        raise ValueError(f"mask_batch supports sequences of up to 65536 tokens, got {length}")
+    hashes = _hash_bits(seed, epoch, indices, length, stream=0)
+    hashes >>= _POSITION_BITS
+    hashes <<= _POSITION_BITS
+    hashes |= np.arange(length, dtype=np.uint64)[None, :]
+    hashes[~maskable] = _NOT_MASKABLE
+    return hashes
+
+
+def _select_smallest(priority: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``[B, L]`` mask of each row's ``counts[row]`` smallest priorities (a partition, not a sort: rows
+    of a packed batch mostly share one count)."""
+    selected = np.zeros(priority.shape, dtype=bool)
+    for count in np.unique(counts):
+        if count == 0:
+            continue
+        rows = np.nonzero(counts == count)[0]
+        block = priority[rows]
+        threshold = np.partition(block, count - 1, axis=1)[:, count - 1 : count]
+        selected[rows] = block <= threshold
+    return selected
+
+
 def mask_batch(
     input_ids: torch.Tensor | np.ndarray,
     attention_mask: torch.Tensor | np.ndarray,
@@ -119,18 +150,13 @@ def mask_batch(
         )
     batch, length = ids.shape
 
-    never = np.asarray(sorted(set(special_token_ids) | {mask_token_id}), dtype=np.int64)
+    never = sorted(set(special_token_ids) | {mask_token_id})
     maskable = mask != 0
-    maskable &= ~np.isin(ids, never)
+    for token in never:
+        maskable &= ids != token
     n_maskable = maskable.sum(axis=1)
     n_select = np.where(n_maskable > 0, np.maximum(1, np.rint(config.mask_prob * n_maskable)), 0).astype(np.int64)
-
-    # The n_select maskable positions with the smallest hash are selected.
-    priority = np.where(maskable, _hash_bits(seed, epoch, indices, length, stream=0), np.uint64(0xFFFFFFFFFFFFFFFF))
-    order = np.argsort(priority, axis=1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(length)[None, :], axis=1)
-    selected = rank < n_select[:, None]
+    selected = _select_smallest(_priorities(seed, epoch, indices, length, maskable), n_select)
 
     mask_fraction, random_fraction = MASKING_STRATEGIES[config.strategy]
     masked = ids.copy()

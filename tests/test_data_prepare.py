@@ -482,6 +482,7 @@ def test_cli_help_and_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     assert err[-1] == "dv3 data prepare: error: seq_len must be in [8, 65536], got 4"
 
 
+@pytest.mark.slow
 def test_prepare_with_no_input_builds_the_default_english_corpus(tmp_path: Path) -> None:
     output = tmp_path / "default"
     code, stdout, stderr = run_cli("prepare", "--output", str(output))
