@@ -266,6 +266,7 @@ class PretrainLoader:
         tokenizer: an ``spm.model`` the data must have been tokenized with (its sha256 is checked).
         max_epochs: stop after this many epochs (the last global batch is padded with empty rows:
             ``attention_mask`` all zero, ``sample_index`` -1); None = never stop.
+        pin_memory: return page-locked tensors when a CUDA device is present (faster ``.to(device)``).
         return_indices: add ``sample_index`` and ``row_index`` (the dataset-wide row id) to batches.
         verify_rows: check every row read against its CRC-32 (about 1 microsecond a row).
     """
@@ -323,7 +324,8 @@ class PretrainLoader:
         self.masking = masking
         self.max_epochs = max_epochs
         self.prefetch_factor = prefetch_factor
-        self.pin_memory = pin_memory
+        # Pinned memory speeds up copies to a GPU; without one there is nothing to pin.
+        self.pin_memory = pin_memory and torch.cuda.is_available()
 
         self.manifests = [load_manifest(d) for d in dirs]
         self._check_tokenizers(dirs, tokenizer)

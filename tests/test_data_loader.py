@@ -46,7 +46,7 @@ def take(loader: PretrainLoader, steps: int) -> list[dict[str, torch.Tensor]]:
 
 
 def test_batches_are_int64_ids_with_attention_mask(prepared_dir: Path) -> None:
-    loader = PretrainLoader(prepared_dir, batch_size=5)
+    loader = PretrainLoader(prepared_dir, batch_size=5, pin_memory=True)  # no-op without a GPU
     batch = next(loader)
     assert set(batch) == {"input_ids", "attention_mask"}
     assert batch["input_ids"].shape == (5, SEQ_LEN) and batch["input_ids"].dtype == torch.int64
