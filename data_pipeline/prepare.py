@@ -240,6 +240,12 @@ def train_tokenizer_for(
         if record.get("source") == source and record.get("sha256") == file_sha256(model_path):
             logger.info("reusing %s (trained on the same corpus with the same settings)", model_path)
             return SentencePieceTokenizer(model_path)
+    parts_dir = output / PARTS_DIR
+    if (output / MANIFEST_NAME).exists() or (parts_dir.exists() and any(parts_dir.glob("part-*.json"))):
+        raise TokenizerError(
+            f"{output} holds shards made with its current {TOKENIZER_NAME}; training another would orphan them: "
+            "train into an empty directory, or use `dv3 data prepare ... --overwrite` to rebuild the dataset"
+        )
     total = sum(file.size for file in files)
     bar = _progress_bar(progress, total=total, unit="B", unit_scale=True, desc="reading corpus for the tokenizer")
     stats = CorpusStats()

@@ -203,3 +203,16 @@ def test_train_tokenizer_command_writes_the_model_and_reuses_it(
     assert (tmp_path / "spm.model").stat().st_mtime_ns == stamp, "the same corpus and settings reuse the model"
     assert cli_main([*args[:-3], "--vocab-size", "600", "--no-progress"]) == 0
     assert SentencePieceTokenizer(tmp_path / "spm.model").num_pieces == 600
+
+
+def test_training_refuses_to_replace_the_tokenizer_of_prepared_shards(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tests.test_data_support import build_prepared, copy_dataset
+
+    data = copy_dataset(build_prepared(tmp_path_factory), tmp_path / "data")
+    before = (data / "spm.model").read_bytes()
+    corpus = build_corpus(tmp_path_factory) / "de"
+    args = ["data", "train-tokenizer", str(corpus), "--output", str(data), "--vocab-size", "700", "--no-progress"]
+    assert cli_main(args) == 2
+    assert (data / "spm.model").read_bytes() == before
