@@ -374,7 +374,7 @@ class PretrainLoader:
             by_language,
         )
         self._builder = _BatchBuilder(self._reader, self.info, masking, seed, return_indices)
-        self._fingerprint = self._compute_fingerprint(dirs, group_weights)
+        self._fingerprint = self._compute_fingerprint(group_weights)
         self._consumed = 0
         self._iterator: Iterator[dict[str, torch.Tensor]] | None = None
 
@@ -409,7 +409,7 @@ class PretrainLoader:
                     f"{directory} has seq_len {manifest.seq_len} and {dirs[0]} {first.seq_len}; cannot blend"
                 )
 
-    def _compute_fingerprint(self, dirs: Sequence[Path], weights: Sequence[float]) -> str:
+    def _compute_fingerprint(self, weights: Sequence[float]) -> str:
         data = {
             "manifests": [m.fingerprint for m in self.manifests],
             "split": self.split,
@@ -571,17 +571,26 @@ class PretrainLoader:
             "fingerprint": self._fingerprint,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state``: the next batch is the one an uninterrupted loader would yield next."""
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Continue from ``state``: the next batch is the one an uninterrupted loader would yield next.
+
+        A state saved for other data, blending, split, shuffle or seed is refused; with
+        ``strict=False`` only its sample count is taken (e.g. to go on training on re-prepared data),
+        which continues a different stream and says so in the log."""
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"loader state has version {state.get('version')!r}, this loader reads {STATE_VERSION}")
+        problems = []
         if state.get("fingerprint") != self._fingerprint:
-            raise ConfigError(
-                "loader state was saved for other data, blending, split or shuffle settings; resuming it here would "
-                "not continue the same sample stream"
-            )
+            problems.append("it was saved for other data, blending, split or shuffle settings")
         if state.get("seed") != self.seed:
-            raise ConfigError(f"loader state was saved with seed {state.get('seed')}, this loader has seed {self.seed}")
+            problems.append(f"it was saved with seed {state.get('seed')}, this loader has seed {self.seed}")
+        if problems and strict:
+            raise ConfigError(
+                f"loader state does not continue this loader's sample stream: {'; '.join(problems)} "
+                "(load_state_dict(state, strict=False) takes only its sample count)"
+            )
+        if problems:
+            logger.warning("loader state: %s; continuing from its sample count only", "; ".join(problems))
         consumed = int(state["samples_consumed"])
         if consumed < 0:
             raise ConfigError(f"loader state has negative samples_consumed {consumed}")

@@ -247,8 +247,12 @@ def test_state_from_other_settings_is_refused(prepared_dir: Path) -> None:
     state = PretrainLoader(prepared_dir, batch_size=2, seed=1).state_dict()
     with pytest.raises(ConfigError, match="seed"):
         PretrainLoader(prepared_dir, batch_size=2, seed=2).load_state_dict(state)
+    unshuffled = PretrainLoader(prepared_dir, batch_size=2, seed=1, shuffle=False)
     with pytest.raises(ConfigError, match="other data"):
-        PretrainLoader(prepared_dir, batch_size=2, seed=1, shuffle=False).load_state_dict(state)
+        unshuffled.load_state_dict(state)
+    state["samples_consumed"] = 10
+    unshuffled.load_state_dict(state, strict=False)
+    assert unshuffled.samples_consumed == 10
 
 
 def test_loader_refuses_a_missing_manifest(tmp_path: Path, prepared_dir: Path) -> None:
