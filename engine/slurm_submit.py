@@ -358,7 +358,7 @@ def _plan_prepare_data(template, options, env, job_args, job_name, slurm_logs, r
         raise SubmitError(f"--array {array!r}: prepare_data needs a range from 0, 0-B (optionally %K), e.g. 0-15")
     if run_dir is not None:
         raise SubmitError("--run-dir does not apply to prepare_data; the shards go to the --output given after --")
-    if not any(arg == "--output" or arg.startswith("--output=") for arg in job_args):
+    if not any(arg in ("--output", "-o") or arg.startswith("--output=") for arg in job_args):
         raise SubmitError("prepare_data needs --output DIR among the arguments after --")
     parts = int(match.group(1)) + 1
     # The tokenizer step and the merge step are single jobs; a user's --dependency holds back the first.

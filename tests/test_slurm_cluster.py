@@ -192,6 +192,38 @@ def test_usr1_to_the_job_steps_reaches_every_task_and_each_records_75(slurm_env,
     assert {p.name: p.read_text().strip() for p in status_dir.iterdir()} == {"rank-0": "75", "rank-1": "75"}
 
 
+def test_prepare_data_array_makes_shards_that_verify(slurm_env, tmp_path):
+    # Real multilingual text from Debian's fortunes-de (a bootstrap package), a few files so
+    # that the two parts of the array both get some.
+    source = Path("/usr/share/games/fortunes/de")
+    files = sorted(p for p in source.glob("*") if p.is_file() and not p.suffix)[:4] if source.is_dir() else []
+    if len(files) < 2:
+        pytest.skip("fortunes-de is not installed (scripts/bootstrap.sh installs it)")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in files:
+        shutil.copyfile(path, corpus / path.name)
+    submitted = subprocess.run(
+        [*DV3, "slurm", "submit", "prepare_data", "--array", "0-1", "--cpus-per-task", "1", "--time", "20",
+         "--", "corpus", "--output", "shards", "--format", "fortune", "--vocab-size", "600", "--seq-len", "64"],
+        env=slurm_env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    tokenizer, parts, merge = re.findall(r"^submitted job (\d+)", submitted.stdout, re.M)
+    logs = Path(slurm_env["DV3_RUNS_ROOT"]) / "slurm-logs"
+
+    job = wait_for_job(slurm_env, merge, timeout=300)
+    assert job["JobState"] == "COMPLETED", "\n".join(p.read_text() for p in sorted(logs.glob("*.out")))
+    assert int(wait_for_job(slurm_env, tokenizer)["ExitCode"].split(":")[0]) == 0
+    part_logs = sorted(logs.glob(f"dv3-prepare-data-{parts}_*.out"))
+    assert [p.name for p in part_logs] == [f"dv3-prepare-data-{parts}_0.out", f"dv3-prepare-data-{parts}_1.out"]
+    assert "--num-parts 2 --part 1" in part_logs[1].read_text()
+    # The template ran `dv3 data verify` last; check the result independently as well.
+    verify = subprocess.run([*DV3, "data", "verify", str(tmp_path / "shards")], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert len(list((tmp_path / "shards" / "parts").glob("part-*.json"))) == 2
+
+
 def test_refused_submissions_reach_no_queue(slurm_env, tmp_path):
     def marker_job() -> int:
         out = slurm(slurm_env, "sbatch", "--parsable", "--hold", f"--output={tmp_path}/m-%j.out", "--wrap", "true")
