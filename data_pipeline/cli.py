@@ -344,12 +344,12 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from data_pipeline.errors import ShardError
-    from data_pipeline.prepare import _progress_bar
+    from data_pipeline.prepare import progress_bar
     from data_pipeline.shards import load_manifest, verify_dataset
     from data_pipeline.tokenizer import default_num_threads
 
     total = sum(shard.bytes for shard in load_manifest(args.data_dir).shards)
-    bar = _progress_bar(not args.no_progress, total=total, unit="B", unit_scale=True, desc="verifying")
+    bar = progress_bar(not args.no_progress, total=total, unit="B", unit_scale=True, desc="verifying")
     try:
         report = verify_dataset(
             args.data_dir,

@@ -205,7 +205,7 @@ def _is_validation(split_seed: int, key: str, index: int, fraction: float) -> bo
 # Tokenizer
 
 
-def _progress_bar(enabled: bool, **kwargs):  # noqa: ANN202 - tqdm or None
+def progress_bar(enabled: bool, **kwargs):  # noqa: ANN202 - tqdm or None
     if not enabled:
         return None
     from tqdm.auto import tqdm
@@ -247,7 +247,7 @@ def train_tokenizer_for(
             "train into an empty directory, or use `dv3 data prepare ... --overwrite` to rebuild the dataset"
         )
     total = sum(file.size for file in files)
-    bar = _progress_bar(progress, total=total, unit="B", unit_scale=True, desc="reading corpus for the tokenizer")
+    bar = progress_bar(progress, total=total, unit="B", unit_scale=True, desc="reading corpus for the tokenizer")
     stats = CorpusStats()
     try:
         documents = _read_all(files, DocumentReader(reader_config, stats), bar)
@@ -495,7 +495,7 @@ def _prepare_part(
     num_threads = config.num_threads or default_num_threads()
     total = sum(file.size for file in files)
     description = "tokenizing" if config.num_parts == 1 else f"tokenizing part {part}/{config.num_parts}"
-    bar = _progress_bar(config.progress, total=total, unit="B", unit_scale=True, desc=description)
+    bar = progress_bar(config.progress, total=total, unit="B", unit_scale=True, desc=description)
     try:
         batch: list[Document] = []
         batch_chars = 0
@@ -648,7 +648,7 @@ def merge(output: str | os.PathLike, *, verify: bool = True, num_threads: int = 
             if not shards
             else "every document went to the validation split; lower --validation-fraction"
         )
-    bar = _progress_bar(progress, total=sum(s.bytes for s in shards), unit="B", unit_scale=True, desc="verifying")
+    bar = progress_bar(progress, total=sum(s.bytes for s in shards), unit="B", unit_scale=True, desc="verifying")
     try:
         report = verify_shards(
             output,
