@@ -230,7 +230,7 @@ class RTDModel(nn.Module):
         state = {k: v for k, v in self.discriminator.deberta.state_dict().items() if "word_embeddings" not in k}
         state["embeddings.word_embeddings.weight"] = self.discriminator_word_embedding()
         encoder.load_state_dict(state)
-        return encoder
+        return encoder.train(self.training)
 
     # -- the objective -------------------------------------------------------------------------------
     def mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sample_indices: torch.Tensor,

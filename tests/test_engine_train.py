@@ -1,0 +1,134 @@
+"""End-to-end `dv3 pretrain` on CPU ranks: exact resume, resume at another world size, the
+non-finite guard, stop-on-signal, and the Hugging Face export round trip."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine import checkpoint
+from tests.engine_runs import REPO, run_env, run_pretrain, start_pretrain, step_losses, wait_for
+
+pytestmark = pytest.mark.slow
+N = 4  # steps before the interruption; runs go to 2N
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dataset, tmp_path_factory):
+    """2 ranks, ZeRO-3, dropout on, 2N steps without interruption."""
+    output = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    run_pretrain(output, tiny_dataset, 2, "--train.steps", str(2 * N), "--checkpoint.interval", str(N))
+    return output
+
+
+def test_resume_after_sigkill_gives_identical_losses_at_every_step(uninterrupted, tiny_dataset, tmp_path):
+    output = tmp_path / "killed"
+    output.mkdir()
+    process = start_pretrain(output, tiny_dataset, 2, "--train.steps", str(2 * N), "--checkpoint.interval", str(N))
+    wait_for(checkpoint.checkpoint_root(output) / checkpoint.tag_for_step(N) / checkpoint.COMPLETE_MARKER, process)
+    os.killpg(process.pid, signal.SIGKILL)  # right after the checkpoint: no chance to clean up
+    process.wait()
+    run_pretrain(output, tiny_dataset, 2, "--train.steps", str(2 * N), "--checkpoint.interval", str(N),
+                 "--resume", "auto")
+
+    expected, got = step_losses(uninterrupted), step_losses(output)
+    assert sorted(expected) == sorted(got) == list(range(1, 2 * N + 1))
+    for step in expected:
+        assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
+
+
+def test_checkpoints_are_marked_complete_and_pruned(uninterrupted):
+    root = checkpoint.checkpoint_root(uninterrupted)
+    complete = checkpoint.complete_checkpoints(root)
+    assert [checkpoint.read_state(p)["step"] for p in complete] == [N, 2 * N]  # keep: 2
+    state = checkpoint.read_state(complete[-1])
+    assert state["loader"]["samples_consumed"] == 2 * N * 16
+    assert state["world_size"] == 2 and state["zero_stage"] == 3
+    assert (uninterrupted / "tensorboard").is_dir() and any((uninterrupted / "tensorboard").iterdir())
+
+
+def test_resume_at_another_world_size_through_a_universal_checkpoint(tiny_dataset, tmp_path):
+    no_dropout = ("--model.hidden-dropout-prob", "0", "--model.attention-probs-dropout-prob", "0")
+    two_ranks = tmp_path / "two"
+    run_pretrain(two_ranks, tiny_dataset, 2, "--train.steps", str(N + 2), "--checkpoint.interval", str(N),
+                 *no_dropout)
+    saved = checkpoint.checkpoint_root(two_ranks) / checkpoint.tag_for_step(N)
+    convert = subprocess.run([sys.executable, "-m", "engine.cli", "ckpt", "universal", "--checkpoint", str(saved)],
+                             cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert convert.returncode == 0, convert.stderr[-3000:]
+    universal = saved.with_name(saved.name + checkpoint.UNIVERSAL_SUFFIX)
+
+    one_rank = tmp_path / "one"
+    run_pretrain(one_rank, tiny_dataset, 1, "--train.steps", str(N + 2), "--checkpoint.interval", str(N),
+                 "--resume", str(universal), *no_dropout)
+    expected, got = step_losses(two_ranks), step_losses(one_rank)
+    assert sorted(got) == [N + 1, N + 2]
+    # The MLM loss of the first resumed step depends only on the weights, the data position and
+    # the masks: the same as the 2-rank run's. (RTD losses differ a little: each rank samples
+    # replacements from its own random stream.)
+    assert got[N + 1][1] == pytest.approx(expected[N + 1][1], rel=1e-5)
+    assert got[N + 1][2] == pytest.approx(expected[N + 1][2], rel=0.05)
+
+
+def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(tiny_dataset, tmp_path):
+    output = tmp_path / "nan"
+    result = run_pretrain(output, tiny_dataset, 2, "--train.steps", "4", "--checkpoint.interval", "2",
+                          "--train.fail-loss-at-steps", "1")
+    assert "step 1: non-finite loss, update skipped" in result.stderr
+    losses = step_losses(output)
+    assert 2 not in losses and sorted(losses) == [1, 3, 4]  # step index 1 is the 2nd step
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
+
+    result = run_pretrain(output, tiny_dataset, 2, "--train.steps", "10", "--checkpoint.interval", "2",
+                          "--resume", "auto", "--train.fail-loss-at-steps", "4,5,6",
+                          "--train.max-nonfinite-in-a-row", "3", expect=1)
+    assert "3 non-finite losses in a row" in result.stderr
+    newest = checkpoint.latest_complete(checkpoint.checkpoint_root(output))
+    assert checkpoint.read_state(newest)["step"] == 4  # the last good checkpoint, untouched
+
+
+def test_sigusr1_checkpoints_at_the_next_step_and_exits_for_requeue(tiny_dataset, tmp_path):
+    output = tmp_path / "signalled"
+    output.mkdir()
+    process = start_pretrain(output, tiny_dataset, 1, "--train.steps", "200", "--checkpoint.interval", "1000")
+    wait_for(output / "metrics.jsonl", process)
+    os.killpg(process.pid, signal.SIGUSR1)
+    assert process.wait(timeout=300) == 75
+    newest = checkpoint.latest_complete(checkpoint.checkpoint_root(output))
+    assert newest is not None and 1 <= checkpoint.read_state(newest)["step"] < 200
+
+
+def test_export_round_trip_matches_our_discriminator(uninterrupted, tmp_path):
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+    from engine.export import load_rtd_model
+
+    hf_dir, gen_dir = tmp_path / "hf", tmp_path / "hf_generator"
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "export", "--checkpoint", str(uninterrupted),
+                             "--output", str(hf_dir), "--generator-output", str(gen_dir)],
+                            cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    model, _ = load_rtd_model(checkpoint.latest_complete(checkpoint.checkpoint_root(uninterrupted)))
+    delta = model.discriminator.deberta.embeddings.word_embeddings.delta_weight
+    assert delta.abs().sum() > 0, "E_Delta moved during training"
+    hf_model, info = AutoModel.from_pretrained(hf_dir, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    torch.testing.assert_close(hf_model.embeddings.word_embeddings.weight,
+                               model.generator.word_embeddings.weight + delta)
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    encoded = tokenizer(["Anarchism is a political philosophy.", "Short."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.discriminator_encoder()(encoded["input_ids"], encoded["attention_mask"]).last_hidden_state
+        got = hf_model.eval()(**encoded).last_hidden_state
+    valid = encoded["attention_mask"].bool()
+    assert float((got[valid] - expected[valid]).norm() / expected[valid].norm()) < 1e-5
+    assert tokenizer.mask_token_id == json.loads((hf_dir / "tokenizer_config.json").read_text())["dv3_mask_token_id"]
+
+    generator, info = AutoModelForMaskedLM.from_pretrained(gen_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
