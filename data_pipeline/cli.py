@@ -111,7 +111,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="prepare only part I (0-based) of --num-parts, e.g. $SLURM_ARRAY_TASK_ID; needs the tokenizer "
         "fixed beforehand (train-tokenizer or --tokenizer); then run `dv3 data merge DIR`",
     )
-    prepare.add_argument("--threads", type=int, default=0, help="tokenization threads (0 = all cores)")
+    prepare.add_argument(
+        "--threads", type=int, default=0, help="tokenizer training and tokenization threads (0 = all cores)"
+    )
     prepare.add_argument(
         "--overwrite",
         action="store_true",
@@ -131,6 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--output", "-o", required=True, type=Path, metavar="DIR", help="dataset directory")
     _add_corpus_arguments(train)
     _add_training_arguments(train)
+    train.add_argument("--threads", type=int, default=0, help="training threads (0 = all cores)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=_guarded(_train_tokenizer))
 
@@ -281,7 +284,7 @@ def _training_config(args: argparse.Namespace):  # noqa: ANN202
         byte_fallback=args.byte_fallback,
         language_alpha=args.language_alpha,
         seed=args.seed,
-        num_threads=getattr(args, "threads", 0),
+        num_threads=args.threads,
     )
 
 
