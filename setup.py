@@ -35,7 +35,7 @@ setup(
     extras_require={
         # The embedded default corpora: Wikipedia articles shipped in gensim's test data.
         "corpus": ["gensim>=4.3", "mwparserfromhell>=0.6"],
-        "test": ["transformers>=4.45", "pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["transformers>=4.45", "pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
         "bench": ["transformers>=4.45", "datasets>=2.19"],
     },
     entry_points={"console_scripts": ["dv3 = engine.cli:main"]},

@@ -18,10 +18,7 @@ import argparse
 import sys
 
 import engine
-
-
-class CommandError(Exception):
-    """A failure the user can fix; ``main`` prints its message on one line and exits 2."""
+from engine.errors import CommandError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,9 +37,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def slurm_master_port(job_id: str) -> int:
-    """A port in [20000, 40000) derived from the job id, so concurrent jobs on a node differ."""
-    return 20000 + int(job_id) % 20000
+def slurm_master_port(job_id: str, restart_count: str | None = None) -> int:
+    """The rule of slurm/common.sh: a port in [10000, 30000) from the job id (concurrent jobs on a
+    node differ), moved on by the restart count after a requeue; below Linux's ephemeral ports."""
+    return 10000 + (int(job_id) + 1009 * int(restart_count or 0)) % 20000
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -81,7 +82,8 @@ def export_rendezvous(env: DistributedEnv) -> None:
     """Fill in the torch.distributed variables this launcher did not set."""
     if env.launcher == "slurm":
         os.environ.setdefault("MASTER_ADDR", first_slurm_host(os.environ["SLURM_JOB_NODELIST"]))
-        os.environ.setdefault("MASTER_PORT", str(slurm_master_port(os.environ["SLURM_JOB_ID"])))
+        os.environ.setdefault("MASTER_PORT", str(slurm_master_port(os.environ["SLURM_JOB_ID"],
+                                                                   os.environ.get("SLURM_RESTART_COUNT"))))
     elif env.launcher == "mpi":
         from mpi4py import MPI
 

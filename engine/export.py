@@ -140,7 +140,7 @@ def _checkpoint_argument(value: str) -> Path:
 
 
 def _run_export(args) -> int:
-    from engine.cli import CommandError
+    from engine.errors import CommandError
 
     try:
         path = _checkpoint_argument(args.checkpoint)
@@ -152,7 +152,7 @@ def _run_export(args) -> int:
 
 
 def _run_universal(args) -> int:
-    from engine.cli import CommandError
+    from engine.errors import CommandError
 
     try:
         target = convert_to_universal(args.checkpoint, args.output)

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.cli import CommandError
+    from engine.errors import CommandError
 
     try:
         file_data = read_config_file(args.config) if args.config else {}

@@ -21,7 +21,6 @@ from data_pipeline.masking import MASKING_STRATEGIES
 from engine.config import PRESETS
 from engine.rtd import SHARING_MODES
 
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -300,7 +299,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for section_name, section_class in SECTIONS.items():
         group = parser.add_argument_group(f"{section_name} settings (override the config file)")
         defaults = section_class()
-        for name, annotation in _field_types(section_class).items():
+        for name in _field_types(section_class):
             flag = f"--{section_name}.{name.replace('_', '-')}"
             default = getattr(defaults, name)
             shown = ",".join(map(str, default)) if isinstance(default, list) else default

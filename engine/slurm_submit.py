@@ -497,7 +497,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from engine.cli import CommandError
+    from engine.errors import CommandError
 
     try:
         jobs = build_plan(args)

@@ -20,6 +20,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 
 from data_pipeline.masking import MaskingConfig
 from engine import checkpoint, distributed, metrics
-from engine.config import EncoderConfig, preset_config
+from engine.config import preset_config
 from engine.optim import WarmupLinearSchedule, apply_group_settings, build_param_groups, group_settings
 from engine.rtd import RTDConfig, RTDModel, rtd_statistics
 from engine.run_config import ConfigError, RunConfig, resolve_repo_path
@@ -56,6 +57,8 @@ class StopRequest:
 
 def setup_logging(rank: int) -> None:
     """Rank 0 talks; other ranks only report warnings and errors."""
+    # DeepSpeed still calls collectives that this torch deprecates, warning at every step on every rank.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [dv3 rank {rank}] %(levelname)s %(message)s",
@@ -147,14 +150,14 @@ def build_model(config: RunConfig, vocab_size: int, mask_token_id: int) -> RTDMo
     return model
 
 
-def group_gradient_norms(engine, groups: list[dict], stage: int) -> dict[str, float]:
+def group_gradient_norms(group_members: dict[str, list[torch.nn.Parameter]], stage: int) -> dict[str, float]:
     """Gradient L2 norm per named group (collective; call after backward, before step)."""
     from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 
     squares = []
-    for group in groups:
+    for members in group_members.values():
         total = torch.zeros((), dtype=torch.float64)
-        for parameter in group["params"]:
+        for parameter in members:
             grad = safe_get_local_grad(parameter) if stage == 3 else safe_get_full_grad(parameter)
             if grad is not None:
                 total += grad.detach().double().pow(2).sum().cpu()
@@ -164,7 +167,7 @@ def group_gradient_norms(engine, groups: list[dict], stage: int) -> dict[str, fl
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         stacked = stacked.to(device)
         torch.distributed.all_reduce(stacked)
-    return {group["name"]: math.sqrt(float(value)) for group, value in zip(groups, stacked.cpu())}
+    return {name: math.sqrt(float(value)) for name, value in zip(group_members, stacked.cpu(), strict=True)}
 
 
 def embedding_similarities(model: RTDModel, rows: torch.Tensor, stage: int) -> dict[str, float]:
@@ -228,6 +231,9 @@ def pretrain(config: RunConfig) -> int:
         for module, parameter in model.external_parameter_uses():
             deepspeed.zero.register_external_parameter(module, parameter)
     param_groups = build_param_groups(model, config.optim)
+    # The model's parameters per group, kept apart: DeepSpeed's optimizer rewrites the groups'
+    # "params" (to flat fp32 partitions) and a checkpoint load replaces the group dicts.
+    group_members = {group["name"]: list(group["params"]) for group in param_groups}
     settings = group_settings(config.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
     schedule = WarmupLinearSchedule(config.train.steps, config.optim.warmup_steps, config.optim.min_lr_ratio)
@@ -319,7 +325,7 @@ def pretrain(config: RunConfig) -> int:
                 exit_code = EXIT_NONFINITE
                 break
         else:
-            grad_norms = group_gradient_norms(engine, param_groups, stage) if is_log_step else {}
+            grad_norms = group_gradient_norms(group_members, stage) if is_log_step else {}
             engine.step()
             state.nonfinite_in_a_row = 0
             window["loss"] += step_loss / accumulation
@@ -338,7 +344,7 @@ def pretrain(config: RunConfig) -> int:
                 totals = totals.cpu()
             steps_in_window = max(1.0, float(totals[-1]) / env.world_size)
             loss_means = totals[:3] / (steps_in_window * env.world_size)
-            counts = {name: float(v) for name, v in zip(COUNT_NAMES, totals[3:3 + len(COUNT_NAMES)])}
+            counts = {name: float(v) for name, v in zip(COUNT_NAMES, totals[3:3 + len(COUNT_NAMES)], strict=True)}
             elapsed = time.perf_counter() - window["start"]
             step_time = elapsed / steps_in_window
             tokens_per_s = config.train.global_batch * data.seq_len / step_time
