@@ -49,7 +49,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="rows per batch (one rank's micro-batch)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time of each loader figure")
     parser.add_argument(
-        "--workers", type=int, default=0, help="worker processes for the 'with workers' figures (0 = cores)"
+        "--workers",
+        type=int,
+        default=0,
+        help="worker processes for the 'with workers' figures (0 = cores - 1: the training process keeps one)",
     )
     parser.add_argument("--masking", default="rtd", choices=["rtd", "bert", "electra"], help="masking strategy")
     parser.add_argument("--skip-baseline", action="store_true", help="do not measure the datasets baseline")
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     from data_pipeline.tokenizer import SentencePieceTokenizer, TokenizerTrainingConfig
 
     cores = _cores()
-    workers = args.workers or cores
+    workers = args.workers or max(1, cores - 1)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dv3-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
     try:

@@ -232,6 +232,26 @@ def _to_tensors(arrays: dict[str, np.ndarray], pin_memory: bool = False) -> dict
     return tensors
 
 
+# Token ids and labels fit int32 (vocabularies are far below 2**31): workers send them at half the
+# size, and the attention mask not at all (the receiving process derives it from the ids).
+_COMPACTED = ("input_ids", "masked_input_ids", "mlm_labels")
+
+
+def _compact(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {key: value.astype(np.int32) if key in _COMPACTED else value for key, value in batch.items()}
+    del out["attention_mask"]
+    return out
+
+
+def _expand(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, np.ndarray]:
+    input_ids = batch["input_ids"].astype(np.int64)
+    out = {"input_ids": input_ids, "attention_mask": (input_ids != pad_token_id).astype(np.int64)}
+    for key, value in batch.items():
+        if key != "input_ids":
+            out[key] = value.astype(np.int64) if key in _COMPACTED else value
+    return out
+
+
 def _keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """collate_fn of the worker DataLoader: leave the numpy arrays alone (no tensors in workers)."""
     return batch
@@ -244,7 +264,7 @@ class _WorkerDataset(torch.utils.data.Dataset):
         self.builder = builder
 
     def __getitem__(self, index: _BatchIndex) -> dict[str, np.ndarray]:
-        return self.builder.arrays(index)
+        return _compact(self.builder.arrays(index))
 
 
 class PretrainLoader:
@@ -545,7 +565,7 @@ class PretrainLoader:
             persistent_workers=False,
         )
         for arrays in loader:
-            yield _to_tensors(arrays, self.pin_memory)
+            yield _to_tensors(_expand(arrays, self.info.pad_token_id), self.pin_memory)
 
     def close(self) -> None:
         """Stop worker processes (they also stop when the loader is garbage collected)."""
