@@ -37,11 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _subcommand_registrars():
     """Subcommands, in the order of a user's day; each import is cheap (heavy imports happen in ``func``)."""
     from data_pipeline.cli import register as data
+    from engine.bench_cli import register as bench
     from engine.export import register as export_and_ckpt
     from engine.pretrain import register as pretrain
     from engine.slurm_submit import register as slurm
 
-    return [data, pretrain, export_and_ckpt, slurm]
+    return [data, pretrain, export_and_ckpt, bench, slurm]
 
 
 def main(argv: list[str] | None = None) -> int:
