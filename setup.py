@@ -31,10 +31,12 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6",
         "tqdm>=4.66",
+        # The embedded default corpus (`dv3 data prepare` with no input): the Wikipedia articles in
+        # gensim's test data, cleaned of wiki markup.
+        "gensim>=4.3",
+        "mwparserfromhell>=0.6",
     ],
     extras_require={
-        # The embedded default corpora: Wikipedia articles shipped in gensim's test data.
-        "corpus": ["gensim>=4.3", "mwparserfromhell>=0.6"],
         "test": ["transformers>=4.45", "pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
         "bench": ["transformers>=4.45", "datasets>=2.19"],
     },

@@ -117,7 +117,7 @@ def time_training(model: RTDModel, ds_config: dict, batches: list[dict], warmup:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
-    def train_step(batch: dict) -> float:
+    def train_step(batch: dict) -> torch.Tensor:
         output = engine(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "masked_input_ids", "mlm_labels")))
         engine.backward(output.loss)
         engine.step()
@@ -147,7 +147,7 @@ def time_training(model: RTDModel, ds_config: dict, batches: list[dict], warmup:
         "peak_memory_gib": peak_memory_gib(),
         "final_loss": loss.item(),
     }
-    del engine
+    engine.destroy()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
