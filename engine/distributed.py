@@ -69,10 +69,13 @@ def discover(environ: Mapping[str, str] | None = None) -> DistributedEnv:
     if "RANK" in environ and "WORLD_SIZE" in environ:
         return DistributedEnv(int(environ["RANK"]), int(environ["WORLD_SIZE"]),
                               int(environ.get("LOCAL_RANK", 0)), "env")
-    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and "SLURM_STEP_ID" in environ:
-        return DistributedEnv(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]),
-                              int(environ.get("SLURM_LOCALID", 0)), "slurm")
     mpi = _mpi_rank_size(environ)
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and "SLURM_STEP_ID" in environ:
+        slurm = DistributedEnv(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]),
+                               int(environ.get("SLURM_LOCALID", 0)), "slurm")
+        # Under mpirun inside an allocation, SLURM_* describe mpirun's daemons (one per node), not the ranks.
+        if mpi is None or mpi[:2] == (slurm.rank, slurm.world_size):
+            return slurm
     if mpi is not None:
         return DistributedEnv(mpi[0], mpi[1], mpi[2], "mpi")
     return DistributedEnv(0, 1, 0, "single")
