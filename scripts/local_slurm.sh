@@ -115,6 +115,9 @@ SlurmctldPidFile=$DIR/run/slurmctld.pid
 SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd-%n.log
+# Each virtual node's own temporary folder: srun --mpi=pmix makes its client folder under TmpFS,
+# named by job and step only, so with a shared /tmp the second node's step fails ("File exists").
+TmpFS=$DIR/tmp/%n
 # No cgroups: the virtual nodes share one kernel, so processes are tracked by parentage.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -155,7 +158,7 @@ cmd_start() {
   install_packages
   mkdir -p "$DIR/run" "$DIR/log" "$DIR/state"
   local name
-  for name in "${NODES[@]}"; do mkdir -p "$DIR/spool/$name"; done
+  for name in "${NODES[@]}"; do mkdir -p "$DIR/spool/$name" "$DIR/tmp/$name"; done
 
   local running=0
   pid_alive "$DIR/run/slurmctld.pid" && running=1
