@@ -30,8 +30,9 @@ gather in the exact region. Each program adds into its own ``[2k, D]`` fp32 slic
 partial buffer (read-modify-write inside one program, ordered by a barrier); the slices
 are summed afterwards in a fixed order: deterministic, no atomics.
 
-Dropout keeps element ``(z, h, i, j)`` iff ``rand(seed, ((z*H + h)*Lr + i)*Lr + j) >= p``
-(Philox, int64 offsets), so backward regenerates the forward's mask from the seed alone.
+Dropout keeps element ``(z, h, i, j)`` iff the uniform from Philox(seed; counters
+``i*Lr + j``, ``z*H + h``) is ``>= p``, so backward regenerates the forward's mask from the
+seed alone.
 """
 
 from __future__ import annotations
@@ -66,10 +67,14 @@ if interpreter_active():
 
 
 @triton.jit
-def _keep_mask(seed, rng_base, offs_m, offs_n, rng_len, dropout_p):
-    # int64 offsets: B*H*L*L exceeds 2**31 at long L.
-    offsets = rng_base + offs_m.to(tl.int64)[:, None] * rng_len + offs_n.to(tl.int64)[None, :]
-    return tl.rand(seed, offsets) >= dropout_p
+def _keep_mask(seed, zh, offs_m, offs_n, rng_len, dropout_p):
+    # Philox on two 32-bit counters: (i * Lr + j, sequence * heads + head). Unique for any
+    # B*H*L*L (which overflows int32 at long L) without [M, N] int64 tensors in registers.
+    within = (offs_m[:, None] * rng_len + offs_n[None, :]).to(tl.uint32)
+    which = (within * 0 + zh).to(tl.uint32)
+    zero = within * 0
+    bits, _, _, _ = tl.random.philox(seed, within, which, zero, zero)
+    return tl.random.uint_to_uniform_float(bits) >= dropout_p
 
 
 @triton.jit
@@ -218,7 +223,7 @@ def _sequence(CU, z, seq_len, VARLEN: tl.constexpr):
 @triton.jit
 def _fwd_tile(
     acc, m_i, l_i, q, k, V, kv_base, j0, offs_n, offs_d, n_len, stride_l, bias,
-    row_valid, MASK, mask_base, qk_scale, seed, rng_base, rng_len, offs_m, dropout_p,
+    row_valid, MASK, mask_base, qk_scale, seed, rng_stream, rng_len, offs_m, dropout_p,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = j0 + offs_n
@@ -234,7 +239,7 @@ def _fwd_tile(
     p = tl.exp2(s2 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        keep = _keep_mask(seed, rng_base, offs_m, cols, rng_len, dropout_p)
+        keep = _keep_mask(seed, rng_stream, offs_m, cols, rng_len, dropout_p)
         p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
@@ -263,7 +268,7 @@ def _fwd_kernel(
     base = z.to(tl.int64) * stride_z + h.to(tl.int64) * stride_h + start.to(tl.int64) * stride_l
     row_base = z.to(tl.int64) * row_stride_z + h.to(tl.int64) * row_stride_h + start
     mask_base = z.to(tl.int64) * seq_len
-    rng_base = zh.to(tl.int64) * rng_len * rng_len
+    rng_stream = zh
     offs_m = i0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -293,7 +298,7 @@ def _fwd_kernel(
         k = _load_rows(K, base, j0 + offs_n, n_len, stride_l, offs_d)
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, k, V, base, j0, offs_n, offs_d, n_len, stride_l, bias,
-            row_valid, MASK, mask_base, qk_scale, seed, rng_base, rng_len, offs_m, dropout_p,
+            row_valid, MASK, mask_base, qk_scale, seed, rng_stream, rng_len, offs_m, dropout_p,
             HAS_MASK, DROPOUT, DOT_PRECISION,
         )
     for kb in range(kb_band, kb_far_lo):
@@ -306,7 +311,7 @@ def _fwd_kernel(
         )
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, k, V, base, j0, offs_n, offs_d, n_len, stride_l, bias,
-            row_valid, MASK, mask_base, qk_scale, seed, rng_base, rng_len, offs_m, dropout_p,
+            row_valid, MASK, mask_base, qk_scale, seed, rng_stream, rng_len, offs_m, dropout_p,
             HAS_MASK, DROPOUT, DOT_PRECISION,
         )
     for kb in range(kb_far_lo, n_kb):
@@ -316,7 +321,7 @@ def _fwd_kernel(
         k = _load_rows(K, base, j0 + offs_n, n_len, stride_l, offs_d)
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, k, V, base, j0, offs_n, offs_d, n_len, stride_l, bias,
-            row_valid, MASK, mask_base, qk_scale, seed, rng_base, rng_len, offs_m, dropout_p,
+            row_valid, MASK, mask_base, qk_scale, seed, rng_stream, rng_len, offs_m, dropout_p,
             HAS_MASK, DROPOUT, DOT_PRECISION,
         )
 
@@ -333,7 +338,7 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_tile_grad(
     q, k, v, do, lse, delta, bias, col_ok, row_valid, key_valid, sm_scale,
-    seed, rng_base, rng_len, rows, cols, dropout_p,
+    seed, rng_stream, rng_len, rows, cols, dropout_p,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Recompute P of one tile and return (G = dS * scale, P after dropout) in fp32."""
@@ -343,7 +348,7 @@ def _bwd_tile_grad(
     p = tl.exp2(s2 - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = _keep_mask(seed, rng_base, rows, cols, rng_len, dropout_p)
+        keep = _keep_mask(seed, rng_stream, rows, cols, rng_len, dropout_p)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
     else:
@@ -363,7 +368,7 @@ def _bwd_tile_grad(
 @triton.jit
 def _bwd_dq_tile(
     dq, q, do, lse, delta, k, V, base, j0, offs_n, offs_d, n_len, stride_l, bias,
-    row_valid, MASK, mask_base, sm_scale, seed, rng_base, rng_len, offs_m, dropout_p,
+    row_valid, MASK, mask_base, sm_scale, seed, rng_stream, rng_len, offs_m, dropout_p,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = j0 + offs_n
@@ -374,7 +379,7 @@ def _bwd_dq_tile(
         key_valid = tl.load(MASK + mask_base + cols, mask=col_ok, other=0) != 0
     g, _ = _bwd_tile_grad(
         q, k, v, do, lse, delta, bias, col_ok, row_valid, key_valid, sm_scale,
-        seed, rng_base, rng_len, offs_m, cols, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
+        seed, rng_stream, rng_len, offs_m, cols, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
     )
     dq += tl.dot(g.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq, g
@@ -396,7 +401,7 @@ def _bwd_dq_block(
     base = z.to(tl.int64) * stride_z + h.to(tl.int64) * stride_h + start.to(tl.int64) * stride_l
     row_base = z.to(tl.int64) * row_stride_z + h.to(tl.int64) * row_stride_h + start
     mask_base = z.to(tl.int64) * seq_len
-    rng_base = zh.to(tl.int64) * rng_len * rng_len
+    rng_stream = zh
     offs_m = i0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -426,7 +431,7 @@ def _bwd_dq_block(
         k = _load_rows(K, base, j0 + offs_n, n_len, stride_l, offs_d)
         dq, g = _bwd_dq_tile(
             dq, q, do, lse, delta, k, V, base, j0, offs_n, offs_d, n_len, stride_l,
-            c2p_hi[:, None] + p2c[None, :], row_valid, MASK, mask_base, sm_scale, seed, rng_base, rng_len,
+            c2p_hi[:, None] + p2c[None, :], row_valid, MASK, mask_base, sm_scale, seed, rng_stream, rng_len,
             offs_m, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
         )
         g_hi += tl.sum(g, 1)
@@ -438,7 +443,7 @@ def _bwd_dq_block(
         bias = _band_bias(q, k, kr_band, _load_band(qr, s_lo, offs_d, ROWS, HEAD_DIM, BAND), index, DOT_PRECISION)
         dq, g = _bwd_dq_tile(
             dq, q, do, lse, delta, k, V, base, j0, offs_n, offs_d, n_len, stride_l, bias,
-            row_valid, MASK, mask_base, sm_scale, seed, rng_base, rng_len, offs_m, dropout_p,
+            row_valid, MASK, mask_base, sm_scale, seed, rng_stream, rng_len, offs_m, dropout_p,
             HAS_MASK, DROPOUT, DOT_PRECISION,
         )
         d_c2p = _rows_to_slots(g, i0, j0, s_lo, is_shift, FIRST, LAST, ROWS, BLOCK_M, BLOCK_N, BAND)
@@ -451,7 +456,7 @@ def _bwd_dq_block(
         k = _load_rows(K, base, j0 + offs_n, n_len, stride_l, offs_d)
         dq, g = _bwd_dq_tile(
             dq, q, do, lse, delta, k, V, base, j0, offs_n, offs_d, n_len, stride_l,
-            c2p_lo[:, None] + p2c[None, :], row_valid, MASK, mask_base, sm_scale, seed, rng_base, rng_len,
+            c2p_lo[:, None] + p2c[None, :], row_valid, MASK, mask_base, sm_scale, seed, rng_stream, rng_len,
             offs_m, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
         )
         g_lo += tl.sum(g, 1)
@@ -474,7 +479,7 @@ def _bwd_dq_block(
 @triton.jit
 def _bwd_dkv_tile(
     dk, dv, q, k, v, DO, LSE, DELTA, MASK, base, row_base, mask_base, i0, offs_m_local, offs_d,
-    cols, col_ok, key_valid, n_len, stride_l, bias, sm_scale, seed, rng_base, rng_len, dropout_p,
+    cols, col_ok, key_valid, n_len, stride_l, bias, sm_scale, seed, rng_stream, rng_len, dropout_p,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     rows = i0 + offs_m_local
@@ -487,7 +492,7 @@ def _bwd_dkv_tile(
         row_valid = tl.load(MASK + mask_base + rows, mask=row_ok, other=0) != 0
     g, p_dropped = _bwd_tile_grad(
         q, k, v, do, lse, delta, bias, col_ok, row_valid, key_valid, sm_scale,
-        seed, rng_base, rng_len, rows, cols, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
+        seed, rng_stream, rng_len, rows, cols, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
     )
     dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=DOT_PRECISION)
     dk += tl.dot(tl.trans(g.to(q.dtype)), q, input_precision=DOT_PRECISION)
@@ -510,7 +515,7 @@ def _bwd_dkv_block(
     base = z.to(tl.int64) * stride_z + h.to(tl.int64) * stride_h + start.to(tl.int64) * stride_l
     row_base = z.to(tl.int64) * row_stride_z + h.to(tl.int64) * row_stride_h + start
     mask_base = z.to(tl.int64) * seq_len
-    rng_base = zh.to(tl.int64) * rng_len * rng_len
+    rng_stream = zh
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     cols = j0 + tl.arange(0, BLOCK_N)
@@ -541,7 +546,7 @@ def _bwd_dkv_block(
         dk, dv, g = _bwd_dkv_tile(
             dk, dv, q, k, v, DO, LSE, DELTA, MASK, base, row_base, mask_base, i0, offs_m, offs_d,
             cols, col_ok, key_valid, n_len, stride_l, c2p[:, None] + p2c_lo[None, :], sm_scale,
-            seed, rng_base, rng_len, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
+            seed, rng_stream, rng_len, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
         )
         g_lo += tl.sum(g, 0)
     for qb in range(qb_band, qb_far_hi):
@@ -553,7 +558,7 @@ def _bwd_dkv_block(
         dk, dv, g = _bwd_dkv_tile(
             dk, dv, q, k, v, DO, LSE, DELTA, MASK, base, row_base, mask_base, i0, offs_m, offs_d,
             cols, col_ok, key_valid, n_len, stride_l, bias, sm_scale,
-            seed, rng_base, rng_len, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
+            seed, rng_stream, rng_len, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
         )
         d_p2c = _cols_to_slots(g, i0, j0, s_lo, is_shift, FIRST, LAST, ROWS, BLOCK_M, BLOCK_N, BAND)
         dk += tl.dot(tl.trans(d_p2c.to(k.dtype)), qr_band, input_precision=DOT_PRECISION)
@@ -566,7 +571,7 @@ def _bwd_dkv_block(
         dk, dv, g = _bwd_dkv_tile(
             dk, dv, q, k, v, DO, LSE, DELTA, MASK, base, row_base, mask_base, i0, offs_m, offs_d,
             cols, col_ok, key_valid, n_len, stride_l, c2p[:, None] + p2c_hi[None, :], sm_scale,
-            seed, rng_base, rng_len, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
+            seed, rng_stream, rng_len, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
         )
         g_hi += tl.sum(g, 0)
 
@@ -660,10 +665,9 @@ def _keep_mask_kernel(OUT, seed, dropout_p, rng_len, BLOCK: tl.constexpr):
     zh = tl.program_id(2)
     rows = pid_m * BLOCK + tl.arange(0, BLOCK)
     cols = pid_n * BLOCK + tl.arange(0, BLOCK)
-    rng_base = zh.to(tl.int64) * rng_len * rng_len
-    keep = _keep_mask(seed, rng_base, rows, cols, rng_len, dropout_p)
+    keep = _keep_mask(seed, zh, rows, cols, rng_len, dropout_p)
     ok = (rows < rng_len)[:, None] & (cols < rng_len)[None, :]
-    offsets = rng_base + rows.to(tl.int64)[:, None] * rng_len + cols[None, :]
+    offsets = zh.to(tl.int64) * rng_len * rng_len + rows.to(tl.int64)[:, None] * rng_len + cols[None, :]
     tl.store(OUT + offsets, keep.to(tl.int8), mask=ok)
 
 
@@ -892,9 +896,12 @@ def _draw_seed(dropout_p: float) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0.0 else 0
 
 
-def _check_dropout(dropout_p: float) -> None:
+def _check_dropout(dropout_p: float, length: int) -> None:
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0 and length * length >= 2**31:
+        # The Philox counter i * L + j is 32 bits wide.
+        raise ValueError(f"attention dropout supports sequences up to 46340 tokens, got length {length}")
 
 
 def fused_disentangled_attention(
@@ -922,8 +929,8 @@ def fused_disentangled_attention(
     reason = unsupported_reason(q)
     if reason is not None:
         raise ValueError(f"fused disentangled attention unavailable: {reason}")
-    _check_dropout(dropout_p)
     batch, heads, length, head_dim = q.shape
+    _check_dropout(dropout_p, length)
     geometry = slot_geometry(position_buckets, max_relative_positions)
     layout = _Layout(varlen=False, sequences=batch, heads=heads, max_len=length, head_dim=head_dim)
     mask = None
@@ -959,8 +966,8 @@ def fused_disentangled_attention_varlen(
     reason = unsupported_reason(q)
     if reason is not None:
         raise ValueError(f"fused disentangled attention unavailable: {reason}")
-    _check_dropout(dropout_p)
     tokens, heads, head_dim = q.shape
+    _check_dropout(dropout_p, int(max_seqlen))
     geometry = slot_geometry(position_buckets, max_relative_positions)
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     layout = _Layout(varlen=True, sequences=cu.numel() - 1, heads=heads, max_len=int(max_seqlen), head_dim=head_dim)

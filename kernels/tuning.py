@@ -51,30 +51,46 @@ class KernelConfig:
 # The interpreter runs each program in numpy: larger tiles mean fewer Python-level steps.
 INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 
-# Candidates per pass, best guess first. Kept short: each one is a compile and a timing.
-_CANDIDATES: dict[str, tuple[KernelConfig, ...]] = {
-    "forward": (
-        KernelConfig(128, 64, 8, 2),
-        KernelConfig(64, 64, 4, 2),
-        KernelConfig(128, 32, 4, 2),
-        KernelConfig(64, 32, 4, 3),
-        KernelConfig(128, 64, 4, 3),
+# Candidates per pass, best guess first, kept short (each one is a compile and a timing).
+# Chosen from `python -m kernels.compile_report` (sm_90, ptxas -v): band tiles hold two
+# [tile, BAND] fp32 products and the backward also dS and its slot reduction, so at
+# 16-bit D<=64 these spill nothing or a few bytes, while 4-warp 64x64 tiles spill 0.7-5 KB.
+_CANDIDATES: dict[tuple[str, str], tuple[KernelConfig, ...]] = {
+    ("forward", "half"): (
+        KernelConfig(64, 32, 8, 2),
+        KernelConfig(32, 64, 8, 2),
+        KernelConfig(64, 64, 8, 2),
+        KernelConfig(64, 64, 8, 3),
+        KernelConfig(32, 32, 4, 2),
     ),
-    # Band tiles of the backward hold two [tile, BAND] products, dS and the slot reduction
-    # at once: 8-warp variants keep them in registers where 4 warps would spill.
-    "backward_dq": (
+    ("backward", "half"): (
+        KernelConfig(32, 32, 8, 1),
+        KernelConfig(64, 32, 8, 1),
+        KernelConfig(32, 64, 8, 1),
         KernelConfig(64, 64, 8, 1),
-        KernelConfig(64, 64, 4, 1),
-        KernelConfig(64, 32, 4, 2),
-        KernelConfig(128, 32, 8, 1),
-        KernelConfig(32, 64, 4, 2),
+        KernelConfig(32, 32, 4, 1),
     ),
-    "backward_dkv": (
-        KernelConfig(64, 64, 8, 1),
-        KernelConfig(64, 64, 4, 1),
-        KernelConfig(32, 64, 4, 2),
-        KernelConfig(32, 128, 8, 1),
-        KernelConfig(64, 32, 4, 2),
+    # Head dim 128 doubles the operand tiles: 8 warps and 32-wide tiles.
+    ("forward", "half-d128"): (
+        KernelConfig(32, 32, 8, 2),
+        KernelConfig(32, 64, 8, 2),
+        KernelConfig(64, 32, 8, 1),
+    ),
+    ("backward", "half-d128"): (
+        KernelConfig(32, 32, 8, 1),
+        KernelConfig(32, 16, 4, 1),
+        KernelConfig(16, 32, 4, 1),
+    ),
+    # fp32 operands (exact ieee dots): the smallest tiles that still use the tensor cores.
+    ("forward", "fp32"): (
+        KernelConfig(32, 32, 8, 1),
+        KernelConfig(32, 16, 4, 1),
+        KernelConfig(16, 32, 4, 1),
+    ),
+    ("backward", "fp32"): (
+        KernelConfig(32, 32, 8, 1),
+        KernelConfig(16, 32, 4, 1),
+        KernelConfig(32, 16, 4, 1),
     ),
 }
 
@@ -101,25 +117,17 @@ def candidate_configs(phase: str, head_dim: int, dtype: torch.dtype, band_of: Ca
     """The candidates for ``phase`` that fit this GPU's shared memory (at least one)."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    candidates = list(_CANDIDATES[phase])
-    if head_dim >= 128:
-        # Big heads: halve the tiles so the operands still fit with the bands.
-        candidates = [KernelConfig(max(16, c.block_m // 2), c.block_n, c.num_warps, 1) for c in candidates]
+    family = "fp32" if dtype == torch.float32 else ("half-d128" if head_dim > 64 else "half")
+    candidates = _CANDIDATES[("forward" if phase == "forward" else "backward", family)]
     limit = None
     if torch.cuda.is_available() and getattr(device, "type", str(device)) == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        limit = getattr(props, "shared_memory_per_block_optin", None)
+        limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
     element = 4 if dtype == torch.float32 else 2
-    if dtype == torch.float32:
-        candidates = [KernelConfig(min(c.block_m, 64), min(c.block_n, 64), c.num_warps, 1) for c in candidates]
-    unique: list[KernelConfig] = []
-    for config in candidates:
-        if config in unique:
-            continue
-        if limit is not None and _estimated_shared_bytes(config, head_dim, band_of(config.block_m, config.block_n), element) > limit:
-            continue
-        unique.append(config)
-    return unique or [KernelConfig(32, 32, 4, 1)]
+    fitting = [
+        config for config in candidates
+        if limit is None or _estimated_shared_bytes(config, head_dim, band_of(config.block_m, config.block_n), element) <= limit
+    ]
+    return fitting or [candidates[-1]]
 
 
 def default_cache_path() -> Path:
