@@ -2,7 +2,8 @@
 
 ``dv3 bench kernels`` (or ``python -m kernels.bench``). For each sequence length, with a
 fixed number of tokens per batch (16,384 by default, ``batch = tokens / length``, as the
-peers report), it times forward, backward and both, and records peak memory, for:
+peers report), plus a pretraining point (L=512 with v3's attention dropout 0.1), it times
+forward, backward and both, and records peak memory, for:
 
 * ``fused``: dv3's Triton kernels (``DV3_ATTENTION=fused``);
 * ``reference``: dv3's plain PyTorch path, which computes what HF eager computes;
@@ -56,7 +57,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to time")
     parser.add_argument("--position-buckets", type=int, default=256)
     parser.add_argument("--max-relative-positions", type=int, default=512)
-    parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout inside the timed call")
+    parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout of the per-length points")
+    parser.add_argument("--pretrain-batch", type=int, help="batch of the pretraining point (L=512, dropout 0.1); default tokens/512")
+    parser.add_argument("--no-pretrain", action="store_true", help="skip the pretraining point")
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (cuda)")
     parser.add_argument("--rep-ms", type=float, default=100.0, help="do_bench measuring time (cuda)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats on cpu")
@@ -388,10 +391,14 @@ def run(args) -> int:
     records: list[dict] = []
     print(f"dv3 bench kernels: {device}, {str(dtype).removeprefix('torch.')}, heads {settings['heads']}, "
           f"head_dim {settings['head_dim']}, {settings['tokens']} tokens per batch", flush=True)
-    for length in settings["lengths"]:
-        batch = max(1, settings["tokens"] // length)
+    points = [(f"L{length}", length, max(1, settings["tokens"] // length), args.dropout) for length in settings["lengths"]]
+    if not args.no_pretrain:
+        # Pretraining: v3 trains at 512 tokens with attention dropout 0.1 (tiny on a CPU).
+        length = 512 if device.type == "cuda" else min(settings["lengths"])
+        points.append(("pretrain", length, args.pretrain_batch or max(1, settings["tokens"] // length), 0.1))
+    for point, length, batch, dropout in points:
         shape = Shape(batch, settings["heads"], length, settings["head_dim"], dtype, device,
-                      args.position_buckets, args.max_relative_positions, args.dropout)
+                      args.position_buckets, args.max_relative_positions, dropout)
         torch.manual_seed(length)
         hf_layer = _build_hf_layer(shape)
         hidden = torch.randn(batch, length, shape.hidden, device=device, dtype=dtype)
@@ -403,7 +410,7 @@ def run(args) -> int:
             # HF and the peers exist only as whole attention layers.
             paths = [p for p in settings["paths"] if level == "layer" or p in ("fused", "reference", "flex")]
             for path in paths:
-                record = {"path": path, "level": level, "length": length, "batch": batch}
+                record = {"point": point, "path": path, "level": level, "length": length, "batch": batch, "dropout": dropout}
                 try:
                     if level == "layer":
                         fn = _layer_fn(shape, path, hf_layer)
@@ -418,7 +425,7 @@ def run(args) -> int:
                     if level == "layer":
                         if reference_out is None and path in ("reference", "hf"):
                             reference_out = out
-                        if reference_out is not None and args.dropout == 0.0:
+                        if reference_out is not None and dropout == 0.0:
                             record["rel_error_vs_reference"] = _relative_error(out, reference_out)
                     del out
                     record.update(_measure(shape, call, inputs, args))
@@ -443,6 +450,7 @@ def run(args) -> int:
     payload = {
         "environment": _environment(device),
         "settings": {**{k: v for k, v in settings.items() if k != "dtype"}, "dtype": str(dtype).removeprefix("torch."),
+                     "points": [{"point": p, "length": n, "batch": b, "dropout": d} for p, n, b, d in points],
                      "position_buckets": args.position_buckets, "max_relative_positions": args.max_relative_positions,
                      "dropout": args.dropout, "modes": args.modes,
                      "flop_count": "DESIGN.md 5: fwd B*H*(4L^2D+4LRD), bwd B*H*(10L^2D+12LRD)"},
@@ -478,7 +486,7 @@ def _attention_inputs(shape: Shape, proj: nn.Module, hidden: torch.Tensor, rel: 
 
 
 def _print_record(record: dict) -> None:
-    head = f"L={record['length']:>5} B={record['batch']:>4} {record['level']:<9} {record['path']:<19}"
+    head = f"{record['point']:>9} L={record['length']:>5} B={record['batch']:>4} {record['level']:<9} {record['path']:<19}"
     if "skipped" in record:
         print(f"{head} skipped: {record['skipped']}", flush=True)
         return
@@ -502,11 +510,11 @@ def _ratios(records: list[dict]) -> dict:
     timed = [r for r in records if "skipped" not in r and "error" not in r]
     for ours in (r for r in timed if r["path"] == "fused"):
         for other in timed:
-            if other["path"] == "fused" or other["level"] != ours["level"] or other["length"] != ours["length"]:
+            if other["path"] == "fused" or other["level"] != ours["level"] or other["point"] != ours["point"]:
                 continue
             for mode in MODES:
                 if mode in ours and mode in other:
-                    key = f"{ours['level']}|L{ours['length']}|{mode}|vs {other['path']}"
+                    key = f"{ours['level']}|{ours['point']}|{mode}|vs {other['path']}"
                     entry = {"speedup": round(other[mode]["ms"] / ours[mode]["ms"], 3)}
                     if ours[mode]["peak_bytes"] is not None and other[mode]["peak_bytes"]:
                         entry["memory_ratio"] = round(ours[mode]["peak_bytes"] / other[mode]["peak_bytes"], 3)

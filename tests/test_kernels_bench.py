@@ -24,18 +24,21 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     args = parser.parse_args(
         ["--device", "cpu", "--lengths", "24", "--tokens", "48", "--heads", "1", "--head-dim", "32",
          "--position-buckets", "8", "--max-relative-positions", "32", "--repeats", "1",
-         "--paths", *paths, "--output", str(output)]
+         "--no-kernel", "--paths", *paths, "--output", str(output)]
     )
     assert bench.run(args) == 0
     payload = json.loads(output.read_text())
     assert payload["environment"]["torch"] == torch.__version__
-    by_key = {(r["path"], r["level"]): r for r in payload["results"]}
+    by_key = {(r["path"], r["level"]): r for r in payload["results"] if r["point"] == "L24"}
     reference = by_key[("reference", "layer")]
     for mode in bench.MODES:
         assert reference[mode]["ms"] > 0
     # The reference path is HF's function: same layer output.
     assert by_key[("hf", "layer")]["rel_error_vs_reference"] < 1e-5
     assert "needs CUDA" in by_key[("disentangled-flash", "layer")]["skipped"]
+    # The pretraining point (v3's attention dropout 0.1) is timed too.
+    pretrain = [r for r in payload["results"] if r["point"] == "pretrain" and r["path"] == "reference"]
+    assert pretrain and all(r["dropout"] == 0.1 and r["forward+backward"]["ms"] > 0 for r in pretrain)
     if interpreter_active():
         assert by_key[("fused", "layer")]["rel_error_vs_reference"] < 1e-5
         assert any(key.endswith("vs reference") for key in payload["ratios"])
