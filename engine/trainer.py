@@ -265,10 +265,16 @@ def pretrain(config: RunConfig) -> int:
     peak = metrics.device_peak_tflops(config.log.peak_tflops)
     step_flops = metrics.rtd_step_flops(model.config, model.generator_config, config.train.global_batch,
                                         data.seq_len, round(config.train.global_batch * data.seq_len * config.rtd.mask_prob))
-    if env.is_main and state.step == 0:
-        logger.scalars({f"embedding_similarity/{k}": v for k, v in embedding_similarities(model, similarity_rows, stage).items()}, 0)
-    elif state.step == 0:
-        embedding_similarities(model, similarity_rows, stage)  # collective under ZeRO-3
+
+    def record_embedding_similarities(step: int) -> None:
+        similarities = embedding_similarities(model, similarity_rows, stage)  # collective under ZeRO-3
+        if env.is_main:
+            logger.scalars({f"embedding_similarity/{k}": v for k, v in similarities.items()}, step)
+            metrics_file.write(json.dumps({"step": step, "embedding_similarity": similarities}) + "\n")
+            metrics_file.flush()
+
+    if state.step == 0:
+        record_embedding_similarities(0)
 
     progress = None
     if env.is_main and config.log.progress_bar:
@@ -384,11 +390,7 @@ def pretrain(config: RunConfig) -> int:
                       "counts": torch.zeros(len(COUNT_NAMES), dtype=torch.float64)}
 
         if state.step % config.log.embedding_similarity_interval == 0:
-            similarities = embedding_similarities(model, similarity_rows, stage)
-            if env.is_main:
-                logger.scalars({f"embedding_similarity/{k}": v for k, v in similarities.items()}, state.step)
-                metrics_file.write(json.dumps({"step": state.step, "embedding_similarity": similarities}) + "\n")
-                metrics_file.flush()
+            record_embedding_similarities(state.step)
 
         stop_requested = distributed.all_ranks_agree(stop.signal_name is not None)
         periodic = state.step % config.checkpoint.interval == 0 or state.step == config.train.steps

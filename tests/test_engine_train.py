@@ -132,3 +132,23 @@ def test_export_round_trip_matches_our_discriminator(uninterrupted, tmp_path):
 
     generator, info = AutoModelForMaskedLM.from_pretrained(gen_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_tensorboard_has_the_curves_a_run_should_show(uninterrupted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(uninterrupted / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {
+        "loss/total", "loss/mlm", "loss/rtd", "generator/accuracy", "discriminator/accuracy",
+        "discriminator/recall", "discriminator/replaced_fraction", "throughput/tokens_per_s",
+        "throughput/samples_per_s", "throughput/model_tflops_per_device", "memory/peak_gib", "optim/grad_norm",
+        "embedding_similarity/E_G", "embedding_similarity/E_D", "embedding_similarity/E_Delta",
+    }
+    for group in ("gen_decay", "gen_no_decay", "disc_decay", "disc_no_decay"):
+        expected |= {f"optim/lr/{group}", f"optim/grad_norm/{group}"}
+    assert expected <= tags, sorted(expected - tags)
+    assert [e.step for e in events.Scalars("loss/total")] == list(range(1, 2 * N + 1))
+    delta = events.Scalars("embedding_similarity/E_Delta")
+    assert delta[0].step == 0 and delta[0].value == 0.0  # E_Delta starts at zero: no direction yet
