@@ -84,6 +84,24 @@ def compile_one(phase: str, config: KernelConfig, dtype: torch.dtype, head_dim: 
     }
 
 
+def compile_helpers(dtype: torch.dtype, head_dim: int, arch: int) -> list[str]:
+    """Compile the small kernels (edge dots, Delta, keep-mask); returns their names."""
+    element = TRITON_TYPES[dtype]
+    helpers = (
+        (fused._edge_dots_kernel, {"X": f"*{element}", "TABLE": f"*{element}", "EDGE": "*fp32"},
+         {"ROWS": 512, "HEAD_DIM": head_dim, "BLOCK_R": fused._ROW_BLOCK, "VARLEN": True}),
+        (fused._delta_kernel, {"OUT": f"*{element}", "DO": f"*{element}", "DELTA": "*fp32"},
+         {"HEAD_DIM": head_dim, "BLOCK_R": fused._ROW_BLOCK, "VARLEN": False}),
+        (fused._keep_mask_kernel, {"OUT": "*i8", "dropout_p": "fp32"}, {"BLOCK": 32}),
+    )
+    names = []
+    for kernel, types, constants in helpers:
+        signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
+        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=GPUTarget("cuda", arch, 32))
+        names.append(kernel.fn.__name__)
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.compile_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
@@ -108,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"{phase:13} {config.block_m:>3}x{config.block_n:<3} {config.num_warps:>5} {config.num_stages:>6} "
                   f"{r['band']:>4} {r['shared']:>7} {r['registers']:>4} {r['spill_stores']:>5}/{r['spill_loads']:<6}", flush=True)
+    try:
+        print("helpers ok: " + ", ".join(compile_helpers(dtype, args.head_dim, args.arch)))
+    except Exception as error:
+        failed += 1
+        print(f"helpers FAILED: {type(error).__name__}: {str(error)[:300]}")
     return 1 if failed else 0
 
 

@@ -37,6 +37,7 @@ seed alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -681,8 +682,58 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, length: int, dropout_p:
     out = torch.empty(batch, heads, length, length, dtype=torch.int8, device=device)
     block = 32
     grid = (triton.cdiv(length, block), triton.cdiv(length, block), batch * heads)
-    _keep_mask_kernel[grid](out, seed, float(dropout_p), length, BLOCK=block)
+    with _on_device(out):
+        _keep_mask_kernel[grid](out, seed, float(dropout_p), length, BLOCK=block)
     return out.bool()
+
+
+# ---------------------------------------------------------------------------------------
+# Per-row reductions: edge dot products and the backward's Delta, read once in the input
+# dtype and accumulated in fp32 (no fp32 copies of q, k, o, dO).
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_index(rows, num_heads, length, tokens, VARLEN: tl.constexpr):
+    """(head, per-row-vector index) of data rows: [Z, H, L] rows, or [T, H] rows stored [H, T]."""
+    if VARLEN:
+        head = rows % num_heads
+        return head, head.to(tl.int64) * tokens + rows // num_heads
+    return (rows // length) % num_heads, rows.to(tl.int64)
+
+
+@triton.jit(do_not_specialize=["total_rows", "length", "tokens"])
+def _edge_dots_kernel(
+    X, TABLE, EDGE, total_rows, num_heads, length, tokens,
+    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, VARLEN: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < total_rows
+    offs_d = tl.arange(0, HEAD_DIM)
+    x = tl.load(X + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    head, out = _row_index(rows, num_heads, length, tokens, VARLEN)
+    table = TABLE + head.to(tl.int64)[:, None] * (ROWS * HEAD_DIM) + offs_d[None, :]
+    first = tl.load(table, mask=ok[:, None], other=0.0).to(tl.float32)
+    last = tl.load(table + (ROWS - 1) * HEAD_DIM, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(EDGE + out * 2, tl.sum(x * first, 1), mask=ok)
+    tl.store(EDGE + out * 2 + 1, tl.sum(x * last, 1), mask=ok)
+
+
+@triton.jit(do_not_specialize=["total_rows", "length", "tokens"])
+def _delta_kernel(
+    OUT, DO, DELTA, total_rows, num_heads, length, tokens,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, VARLEN: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < total_rows
+    offs = rows.to(tl.int64)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    o = tl.load(OUT + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    _, out = _row_index(rows, num_heads, length, tokens, VARLEN)
+    tl.store(DELTA + out, tl.sum(o * do, 1), mask=ok)
+
+
+_ROW_BLOCK = 64
 
 
 # ---------------------------------------------------------------------------------------
@@ -728,12 +779,33 @@ def _output(shape, device) -> torch.Tensor:
     return torch.full(shape, fill, device=device, dtype=torch.float32)
 
 
+def _row_vector(layout: _Layout, tokens: int, device, trailing: tuple[int, ...] = ()) -> torch.Tensor:
+    shape = (layout.heads, tokens) if layout.varlen else (layout.sequences, layout.heads, layout.max_len)
+    return _output(shape + trailing, device)
+
+
 def _edge_dots(x: torch.Tensor, table: torch.Tensor, layout: _Layout) -> torch.Tensor:
     """``x . table[0]`` and ``x . table[-1]`` per row, fp32, in the per-row layout with a trailing 2."""
-    edges = table[:, [0, table.shape[1] - 1], :].float()  # [H, 2, D]
-    if layout.varlen:
-        return torch.einsum("thd,hed->hte", x.float(), edges).contiguous()
-    return torch.matmul(x.float(), edges.transpose(-1, -2).unsqueeze(0)).contiguous()
+    tokens = x.shape[0] if layout.varlen else 0
+    edges = _row_vector(layout, tokens, x.device, (2,))
+    total = x.numel() // layout.head_dim
+    _edge_dots_kernel[(triton.cdiv(total, _ROW_BLOCK),)](
+        x, table, edges, total, layout.heads, layout.max_len, tokens,
+        ROWS=table.shape[1], HEAD_DIM=layout.head_dim, BLOCK_R=_ROW_BLOCK, VARLEN=layout.varlen,
+    )
+    return edges
+
+
+def _delta(o: torch.Tensor, do: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """``rowsum(O * dO)`` in fp32, per-row layout."""
+    tokens = o.shape[0] if layout.varlen else 0
+    delta = _row_vector(layout, tokens, o.device)
+    total = o.numel() // layout.head_dim
+    _delta_kernel[(triton.cdiv(total, _ROW_BLOCK),)](
+        o, do, delta, total, layout.heads, layout.max_len, tokens,
+        HEAD_DIM=layout.head_dim, BLOCK_R=_ROW_BLOCK, VARLEN=layout.varlen,
+    )
+    return delta
 
 
 def _common_args(layout: _Layout, geometry: SlotGeometry, tokens: int, scale: float, dropout_p: float, seed: int) -> list:
@@ -797,10 +869,7 @@ def _forward(q, k, v, rel_key, rel_query, mask, cu, layout, geometry, scale, dro
 
 def _backward(q, k, v, rel_key, rel_query, mask, cu, o, lse, do, layout, geometry, scale, dropout_p, seed, tuner):
     tokens = q.shape[0] if layout.varlen else 0
-    delta = (o.float() * do.float()).sum(-1)
-    if layout.varlen:
-        delta = delta.transpose(0, 1)
-    delta = delta.contiguous()
+    delta = _delta(o, do, layout)
     edge_q = _edge_dots(q, rel_key, layout)
     edge_k = _edge_dots(k, rel_query, layout)
     slot, first, last = geometry.to(q.device)
@@ -854,10 +923,16 @@ def _backward(q, k, v, rel_key, rel_query, mask, cu, o, lse, do, layout, geometr
     return dq, dk, dv, results["d_rel_key"].to(rel_key.dtype), results["d_rel_query"].to(rel_query.dtype)
 
 
+def _on_device(x: torch.Tensor):
+    # Triton launches on the current CUDA device: make it the tensors' one.
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rel_key, rel_query, mask, cu, layout, geometry, scale, dropout_p, seed, tuner):
-        o, lse = _forward(q, k, v, rel_key, rel_query, mask, cu, layout, geometry, scale, dropout_p, seed, tuner)
+        with _on_device(q):
+            o, lse = _forward(q, k, v, rel_key, rel_query, mask, cu, layout, geometry, scale, dropout_p, seed, tuner)
         ctx.save_for_backward(q, k, v, rel_key, rel_query, o, lse)
         ctx.mask, ctx.cu = mask, cu
         ctx.settings = (layout, geometry, scale, dropout_p, seed, tuner)
@@ -867,9 +942,10 @@ class _FusedAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, rel_key, rel_query, o, lse = ctx.saved_tensors
         layout, geometry, scale, dropout_p, seed, tuner = ctx.settings
-        grads = _backward(
-            q, k, v, rel_key, rel_query, ctx.mask, ctx.cu, o, lse, do.contiguous(), layout, geometry, scale, dropout_p, seed, tuner
-        )
+        with _on_device(q):
+            grads = _backward(
+                q, k, v, rel_key, rel_query, ctx.mask, ctx.cu, o, lse, do.contiguous(), layout, geometry, scale, dropout_p, seed, tuner
+            )
         return (*grads, None, None, None, None, None, None, None, None)
 
 
