@@ -3,7 +3,10 @@
 #
 #   scripts/gpu_check.sh [all|tests|bench|train] ...
 #
-# Steps (all by default; name some to run only those, e.g. to fit a 10-minute call):
+# Steps (all by default; name some to run only those, e.g. to fit a 10-minute call; the
+# benchmark can be split too: BENCH_ARGS="--lengths 128 512" then
+# BENCH_ARGS="--lengths 2048 8192 --no-pretrain", carrying kernel_configs.json between calls
+# with DV3_KERNEL_CACHE=<path to it>):
 #   tests  the kernel tests (tests/test_kernels_*.py) compiled for the GPU, no interpreter
 #   bench  the kernel benchmark (python -m kernels.bench; extra flags in $BENCH_ARGS)
 #   train  `dv3 bench train`, only if `python -m engine.cli bench train --help` works
@@ -44,6 +47,11 @@ else
 fi
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
+# Tuned tile configs: start from a carried cache (DV3_KERNEL_CACHE=path) if given, and keep
+# the result beside the figures so the next call (a fresh machine) can carry it back in.
+if [ -n "${DV3_KERNEL_CACHE:-}" ] && [ -f "$DV3_KERNEL_CACHE" ] && [ "$DV3_KERNEL_CACHE" != "$dest/kernel_configs.json" ]; then
+    cp "$DV3_KERNEL_CACHE" "$dest/kernel_configs.json"
+fi
 export DV3_KERNEL_CACHE="$dest/kernel_configs.json"
 
 {
@@ -69,7 +77,11 @@ for step in "${steps[@]}"; do
     echo "=== $step ==="
     case $step in
     tests)
-        "$PY" -m pytest tests/test_kernels_*.py -q -p no:cacheprovider 2>&1 | tee "$dest/kernel_tests.log"
+        # Most of the time is Triton compiling one kernel variant per test shape: spread
+        # the tests over processes when pytest-xdist is there (the GPU image has it).
+        parallel=()
+        if "$PY" -c "import xdist" >/dev/null 2>&1; then parallel=(-n "${TEST_WORKERS:-8}"); fi
+        "$PY" -m pytest tests/test_kernels_*.py -q -p no:cacheprovider "${parallel[@]}" 2>&1 | tee "$dest/kernel_tests.log"
         [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
         ;;
     bench)
