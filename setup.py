@@ -38,7 +38,8 @@ setup(
     ],
     extras_require={
         "test": ["transformers>=4.45", "pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
-        "bench": ["transformers>=4.45", "datasets>=2.19"],
+        # The peers `dv3 bench kernels` measures against (their kernels need a GPU).
+        "bench": ["transformers>=4.45", "datasets>=2.19", "disentangled-flash==1.1.1", "flashdeberta==0.0.8"],
     },
     entry_points={"console_scripts": ["dv3 = engine.cli:main"]},
 )

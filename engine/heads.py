@@ -43,7 +43,7 @@ class EnhancedMaskDecoder(nn.Module):
         self,
         encoder: DebertaV3Model,
         encoded: EncoderOutput,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         selected: torch.Tensor,
         word_embedding_weight: torch.Tensor,
     ) -> torch.Tensor:

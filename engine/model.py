@@ -80,7 +80,7 @@ class Embeddings(nn.Module):
     def absolute_position_states(self, length: int, device: torch.device) -> torch.Tensor:
         return self.position_embeddings(torch.arange(length, device=device))[None]
 
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, token_type_ids: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None, token_type_ids: torch.Tensor | None = None):
         embeddings = self.word_embeddings(input_ids)
         if self.position_biased_input:
             embeddings = embeddings + self.absolute_position_states(input_ids.shape[1], input_ids.device)
@@ -90,7 +90,9 @@ class Embeddings(nn.Module):
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
         if self.embed_proj is not None:
             embeddings = self.embed_proj(embeddings)
-        embeddings = self.LayerNorm(embeddings) * mask.unsqueeze(-1).to(embeddings.dtype)
+        embeddings = self.LayerNorm(embeddings)
+        if mask is not None:
+            embeddings = embeddings * mask.unsqueeze(-1).to(embeddings.dtype)
         return self.dropout(embeddings)
 
 
@@ -259,8 +261,7 @@ class DebertaV3Model(nn.Module):
     ) -> EncoderOutput:
         check_token_batch(input_ids, attention_mask, self.config.vocab_size)
         input_ids = input_ids.long()
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        # No mask means no padding: the attention then takes its cheaper unmasked path.
         hidden_states = self.embeddings(input_ids, attention_mask, token_type_ids)
         last, all_hidden, rel_embeddings = self.encoder(hidden_states, attention_mask, output_hidden_states)
         return EncoderOutput(last_hidden_state=last, hidden_states=all_hidden, rel_embeddings=rel_embeddings)

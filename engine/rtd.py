@@ -253,9 +253,12 @@ class RTDModel(nn.Module):
     ) -> RTDOutput:
         """``input_ids`` are the original tokens; pass the loader's ``masked_input_ids`` and
         ``mlm_labels`` (``IGNORE_INDEX`` where not selected), or let the model mask with random
-        sample indices drawn from torch's RNG."""
+        sample indices drawn from torch's RNG. ``attention_mask=None`` means no padding."""
         check_token_batch(input_ids, attention_mask, self.config.vocab_size)
         input_ids = input_ids.long()
+        # The encoders get None for an unpadded batch (the attention's cheaper path); losses and
+        # labels need the explicit mask.
+        encoder_mask = attention_mask
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if (masked_input_ids is None) != (mlm_labels is None):
@@ -271,7 +274,7 @@ class RTDModel(nn.Module):
         selected = mlm_labels != IGNORE_INDEX
         targets = mlm_labels[selected]
 
-        mlm_logits = self.generator(masked_input_ids, attention_mask, selected)
+        mlm_logits = self.generator(masked_input_ids, encoder_mask, selected)
         if targets.numel() > 0:
             mlm_loss = F.cross_entropy(mlm_logits.float(), targets)
         else:  # nothing to predict: a zero that still touches the graph
@@ -280,7 +283,7 @@ class RTDModel(nn.Module):
         discriminator_ids, rtd_labels = replace_tokens(
             input_ids, attention_mask, selected, mlm_logits, self.rtd.temperature, sampling_generator
         )
-        rtd_logits = self.discriminator(discriminator_ids, attention_mask)
+        rtd_logits = self.discriminator(discriminator_ids, encoder_mask)
         valid = attention_mask.bool()
         rtd_loss = F.binary_cross_entropy_with_logits(rtd_logits[valid].float(), rtd_labels[valid].float())
         loss = mlm_loss + self.rtd.rtd_lambda * rtd_loss

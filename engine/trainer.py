@@ -304,7 +304,9 @@ def pretrain(config: RunConfig) -> int:
             if poisoned:
                 continue  # keep consuming the step's data so the stream stays aligned
             engine.set_gradient_accumulation_boundary(micro == accumulation - 1)
-            output = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+            # Packed batches have no padding; None lets the attention skip its mask (checked on the host).
+            mask = None if bool(batch["attention_mask"].all()) else batch["attention_mask"].to(device)
+            output = engine(batch["input_ids"].to(device), mask,
                             batch["masked_input_ids"].to(device), batch["mlm_labels"].to(device))
             loss = output.loss
             if step in config.train.fail_loss_at_steps and env.rank == 0 and micro == 0:

@@ -210,3 +210,14 @@ def test_masked_positions_have_labels_and_the_rest_ignore():
     assert torch.equal(labels[selected], ids[selected])
     assert torch.all(masked_ids[selected] == model.mask_token_id)
     assert torch.equal(masked_ids[~selected], ids[~selected])
+
+
+def test_no_mask_means_no_padding():
+    model = build("gdes")
+    ids, _ = batch(7)
+    ids[ids == 0] = 5  # no padding anywhere
+    masked_ids, labels = model.mask(ids, torch.ones_like(ids), torch.arange(ids.shape[0]))
+    unmasked = model(ids, None, masked_ids, labels, sampling_generator=torch.Generator().manual_seed(0))
+    ones = model(ids, torch.ones_like(ids), masked_ids, labels, sampling_generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(unmasked.loss, ones.loss)
+    assert torch.equal(unmasked.rtd_labels, ones.rtd_labels)
