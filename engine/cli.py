@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         "gradient-disentangled embedding sharing, at cluster scale.",
     )
     parser.add_argument("--version", action="version", version=f"dv3 {engine.__version__}")
+    # The deepspeed launcher runs `dv3 --local_rank=N <command> ...`; the rank comes from LOCAL_RANK.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in _subcommand_registrars():
         register(subparsers)

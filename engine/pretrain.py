@@ -32,7 +32,6 @@ def register(subparsers) -> None:
                         "directory) or a checkpoint folder")
     parser.add_argument("--init-from", help="a Hugging Face DeBERTa-v3 folder to continue pretraining from "
                         "(same as --model.init-from)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     add_config_flags(parser)
     parser.set_defaults(func=run)
 

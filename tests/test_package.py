@@ -28,3 +28,11 @@ def test_foreign_kernels_package_is_refused_with_the_fix(tmp_path):
     assert result.returncode != 0
     assert "not dv3's kernels" in result.stderr
     assert "venv" in result.stderr
+
+
+def test_deepspeed_launcher_rank_argument_is_accepted():
+    # `deepspeed --num_gpus N $(which dv3) pretrain ...` runs `dv3 --local_rank=I pretrain ...`.
+    from engine.cli import build_parser
+
+    args = build_parser().parse_args(["--local_rank=1", "pretrain", "--train.steps", "5"])
+    assert args.command == "pretrain" and args.local_rank == 1
