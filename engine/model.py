@@ -7,8 +7,8 @@ call to ``kernels.disentangled_attention`` (reference or fused Triton), which ne
 a parameter, only activations (ZeRO-3 partitions parameters outside their module's forward).
 
     ids -> Embeddings (word embedding, LayerNorm, * mask, dropout)
-        -> Layer x N:  DisentangledSelfAttention -> SelfOutput (dense, dropout, LN(+residual))
-                       -> Intermediate (dense, gelu) -> Output (dense, dropout, LN(+residual))
+        -> Layer x N:  DisentangledSelfAttention -> ResidualOutput (dense, dropout, LN(+residual))
+                       -> Intermediate (dense, gelu) -> ResidualOutput
     relative table R = LayerNorm(rel_embeddings), projected per layer by that layer's
     query_proj / key_proj (``share_att_key``) into rel_query / rel_key.
 """
@@ -136,10 +136,13 @@ class DisentangledSelfAttention(nn.Module):
         return context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
 
 
-class SelfOutput(nn.Module):
-    def __init__(self, config: EncoderConfig) -> None:
+class ResidualOutput(nn.Module):
+    """``LayerNorm(dropout(dense(x)) + residual)``: HF's ``SelfOutput`` (after attention, ``in_size``
+    = hidden) and ``Output`` (after the FFN, ``in_size`` = intermediate) are this one module."""
+
+    def __init__(self, config: EncoderConfig, in_size: int) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -151,7 +154,7 @@ class Attention(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.self = DisentangledSelfAttention(config)
-        self.output = SelfOutput(config)
+        self.output = ResidualOutput(config, config.hidden_size)
 
     def forward(self, hidden_states, attention_mask, rel_embeddings, query_states=None):
         context = self.self(hidden_states, attention_mask, rel_embeddings, query_states)
@@ -168,23 +171,12 @@ class Intermediate(nn.Module):
         return self.activation(self.dense(hidden_states))
 
 
-class Output(nn.Module):
-    def __init__(self, config: EncoderConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states, residual):
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
-
-
 class Layer(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.attention = Attention(config)
         self.intermediate = Intermediate(config)
-        self.output = Output(config)
+        self.output = ResidualOutput(config, config.intermediate_size)
 
     def forward(self, hidden_states, attention_mask, rel_embeddings, query_states=None):
         attention_output = self.attention(hidden_states, attention_mask, rel_embeddings, query_states)

@@ -107,21 +107,10 @@ def disentangled_attention(
     """
     check_attention_inputs(q, k, v, rel_key, rel_query, attention_mask, position_buckets, max_relative_positions)
     if select_attention_path(q) == "fused":
-        from kernels.fused import fused_disentangled_attention
-
-        return fused_disentangled_attention(
-            q,
-            k,
-            v,
-            rel_key,
-            rel_query,
-            attention_mask,
-            position_buckets=position_buckets,
-            max_relative_positions=max_relative_positions,
-            dropout_p=dropout_p,
-            scale=scale,
-        )
-    return disentangled_attention_reference(
+        from kernels.fused import fused_disentangled_attention as implementation
+    else:
+        implementation = disentangled_attention_reference
+    return implementation(
         q,
         k,
         v,
