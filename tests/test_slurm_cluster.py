@@ -3,7 +3,8 @@
 The fixture starts the cluster (root only, as in CI) and stops it afterwards, leaving nothing
 running; a cluster that was already up is used and left up. The jobs here run the real srun
 launch path of the templates (slurm/srun_task.sh) with a real torch.distributed rendezvous; the
-pretrain template itself is exercised end to end with `dv3 pretrain` in its own tests.
+pretrain template itself is exercised end to end with `dv3 pretrain` in test_slurm_pretrain.py,
+which uses this module's cluster fixture.
 """
 
 from __future__ import annotations
