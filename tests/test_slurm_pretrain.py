@@ -193,7 +193,10 @@ def test_usr1_preemption_checkpoints_requeues_and_resumes_to_the_same_losses(
     stopped_at = int(stop.group(1))
     assert 2 <= stopped_at < STEPS, f"the preemption landed at step {stopped_at}, not mid-run"
     assert f"checkpoint at step {stopped_at} written" in rank1, "both ranks stopped at the same step"
-    assert "exited with status 75" in rank0 and "exited with status 75" in rank1
+    # The first rank out exits 75 and srun (--kill-on-bad-exit) sends TERM to the others, which
+    # may still be tearing down after the checkpoint: 143 then. The template requeues on any 75.
+    exits = re.findall(r"task \d+/2: exited with status (\d+)", rank0 + "\n" + rank1)
+    assert len(exits) == 2 and "75" in exits and set(exits) <= {"75", "143"}, exits
     assert (
         f"resumed from {checkpoint.checkpoint_root(run.run_dir) / checkpoint.tag_for_step(stopped_at)} "
         f"at step {stopped_at}" in rank0
