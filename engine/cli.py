@@ -45,7 +45,7 @@ def _subcommand_registrars():
     from engine.pretrain import register as pretrain
     from engine.slurm_submit import register as slurm
 
-    return [data, pretrain, export_and_ckpt, bench, slurm]
+    return [data, pretrain, export_and_ckpt, bench, slurm, ablate]
 
 
 def main(argv: list[str] | None = None) -> int:

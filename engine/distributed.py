@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -103,8 +104,17 @@ def export_rendezvous(env: DistributedEnv) -> None:
     os.environ["LOCAL_RANK"] = str(env.local_rank)
 
 
+def prefer_environment_tools() -> None:
+    """Put this Python's ``bin`` first on PATH, so DeepSpeed builds its ops with the environment's
+    ninja: two ninjas on one machine each judge the other's build stale and rebuild every time."""
+    bin_dir = os.path.dirname(sys.executable)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
 def init_process_group(env: DistributedEnv) -> None:
     """Start torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPUs)."""
+    prefer_environment_tools()
     import deepspeed
     import torch
 

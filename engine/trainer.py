@@ -359,6 +359,7 @@ def pretrain(config: RunConfig) -> int:
             tflops = step_flops / step_time / 1e12
             record = {
                 "step": state.step,
+                "steps_averaged": int(steps_in_window),  # fewer than log.interval right after a resume
                 "loss": float(loss_means[0]), "mlm_loss": float(loss_means[1]), "rtd_loss": float(loss_means[2]),
                 **rtd_statistics(counts),
                 "tokens_per_s": tokens_per_s, "samples_per_s": config.train.global_batch / step_time,
