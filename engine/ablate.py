@@ -244,9 +244,12 @@ def check_run_matches(settings: AblationSettings, mode: str) -> None:
     saved = json.loads(saved_path.read_text())
     expected = settings.run_config(mode).to_dict()
     for section, values in expected.items():
-        if section in ("output_dir", "resume") or not isinstance(values, dict):
+        # Logging, checkpoint cadence and loader workers do not change what a run learns.
+        if section in ("output_dir", "resume", "log", "checkpoint") or not isinstance(values, dict):
             continue
         for name, value in values.items():
+            if (section, name) == ("data", "num_workers"):
+                continue
             if section == "data" and name == "dirs":
                 same = [str(Path(d).resolve()) for d in saved[section][name]] == [str(Path(d).resolve()) for d in value]
             else:
@@ -265,7 +268,11 @@ def prepare_data(settings: AblationSettings) -> None:
         if not (target / "manifest.json").is_file():
             print(f"[ablate] data: preparing the {settings.default_corpus} default corpus into {target}", flush=True)
             target.parent.mkdir(parents=True, exist_ok=True)
-            _run_child(prepare_command(settings), settings, settings.output_dir / "data" / "prepare.log")
+            log_path = settings.output_dir / "data" / "prepare.log"
+            status = _run_child(prepare_command(settings), settings, log_path)
+            if status != 0:
+                raise CommandError(f"dv3 data prepare exited with status {status} (see {log_path}); to use other "
+                                   "data, give --data.dirs")
         else:
             print(f"[ablate] data: {target} (already prepared)", flush=True)
     for directory in settings.data_dirs():
@@ -305,18 +312,21 @@ def train(settings: AblationSettings) -> None:
 
 
 def _run_child(command: list[str], settings: AblationSettings, log_path: Path) -> int:
-    """Run a dv3 command, its output both on this terminal and in ``log_path``."""
+    """Run a dv3 command, its output both on this terminal and in ``log_path`` (bytes passed as they
+    come, so progress bars that redraw with a carriage return still do)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as log_file:
-        log_file.write(f"$ {shlex.join(command)}\n")
+    with open(log_path, "ab") as log_file:
+        log_file.write(f"$ {shlex.join(command)}\n".encode())
         log_file.flush()
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=child_environment(settings), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                   stderr=subprocess.STDOUT)
         assert process.stdout is not None
         try:
-            for line in process.stdout:
-                sys.stderr.write(line)
-                log_file.write(line)
+            while chunk := process.stdout.read1(65536):
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+                log_file.write(chunk)
+                log_file.flush()
         except KeyboardInterrupt:
             process.terminate()  # pretrain checkpoints on SIGTERM, so the next ablate resumes
             process.wait()
@@ -373,22 +383,22 @@ def register(subparsers) -> None:
                         "dv3 slurm submit) and stop")
     parser.add_argument("--no-evaluate", action="store_true",
                         help="stop after training (evaluate later by running the same command without it)")
-    parser.add_argument("--config", default=AblationSettings.config,
+    parser.add_argument("--config", metavar="FILE", default=AblationSettings.config,
                         help="the run configuration every mode starts from (default: %(default)s)")
-    parser.add_argument("--modes", default=",".join(SHARING_MODES),
+    parser.add_argument("--modes", metavar="MODES", default=",".join(SHARING_MODES),
                         help="sharing modes to compare, comma separated (default: %(default)s)")
-    parser.add_argument("--nproc", type=int, default=AblationSettings.nproc,
+    parser.add_argument("--nproc", type=int, metavar="N", default=AblationSettings.nproc,
                         help="ranks per run on this machine (torch.distributed.run when > 1; default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=AblationSettings.threads,
+    parser.add_argument("--threads", type=int, metavar="N", default=AblationSettings.threads,
                         help="CPU threads per process for training and evaluation (default: %(default)s)")
     data = parser.add_argument_group("default corpus (used unless --data.dirs is given)")
     data.add_argument("--default-corpus", choices=DEFAULT_CORPORA, default=AblationSettings.default_corpus,
                       help="which embedded corpus to prepare (default: %(default)s)")
-    data.add_argument("--vocab-size", type=int, default=AblationSettings.vocab_size,
+    data.add_argument("--vocab-size", type=int, metavar="N", default=AblationSettings.vocab_size,
                       help="tokenizer pieces (default: %(default)s)")
-    data.add_argument("--seq-len", type=int, default=AblationSettings.seq_len,
+    data.add_argument("--seq-len", type=int, metavar="L", default=AblationSettings.seq_len,
                       help="tokens per sequence (default: %(default)s)")
-    data.add_argument("--validation-fraction", type=float, default=AblationSettings.validation_fraction,
+    data.add_argument("--validation-fraction", type=float, metavar="F", default=AblationSettings.validation_fraction,
                       help="documents held out for the evaluation (default: %(default)s)")
     add_evaluation_flags(parser)
     add_config_flags(parser)  # every pretrain flag; --train.steps and --train.seed have ablate's defaults

