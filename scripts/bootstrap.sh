@@ -50,5 +50,5 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 
 echo "bootstrap: installing dv3 and its test dependencies"
-"${PIP[@]}" -c constraints.txt -e ".[test,bench]"
+"${PIP[@]}" -c constraints.txt -e ".[test,bench,ablate]"
 "$VENV/bin/dv3" --version
