@@ -160,10 +160,13 @@ def plot_similarity(runs: dict, path: Path) -> None:
             if points:
                 style = "--" if mode == "es" and name == "E_D" else "-"  # under ES, E_D is E_G
                 axis.plot(*zip(*points, strict=True), style, marker=".", label=EMBEDDING_NAMES[name], linewidth=1.4)
-        for name, value in PAPER_TABLE1.get(mode, {}).items():
+        paper = dict(PAPER_TABLE1.get(mode, {}))
+        if mode == "es":  # one embedding: one line
+            paper = {"E_G = E_D": paper.get("E_G")} if paper else {}
+        for name, value in paper.items():
             axis.axhline(value, color="grey", linewidth=0.6, linestyle=":")
-            axis.annotate(f"paper {EMBEDDING_NAMES[name]} {value}", (0, value), xycoords=("axes fraction", "data"),
-                          fontsize=7, color="grey", va="bottom")
+            axis.annotate(f"paper {EMBEDDING_NAMES.get(name, name)} {value}", (0.01, value),
+                          xycoords=("axes fraction", "data"), fontsize=7, color="grey", va="bottom")
         axis.set_title(MODE_NAMES.get(mode, mode))
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -209,6 +212,16 @@ def table1(runs: dict) -> list[str]:
                 f"{EMBEDDING_NAMES[k]} {_number(values[k])}" for k in EMBEDDINGS if k in values))
     if start:
         lines += ["", "At initialisation (step 0): " + "; ".join(start) + "."]
+    norms = []
+    for mode in modes:
+        values = runs[mode]["evaluation"]["embedding"].get("norms", {})
+        if values:
+            text = ", ".join(f"{EMBEDDING_NAMES[k]} {values[k]:.1f}" for k in EMBEDDINGS if k in values)
+            if "E_Delta" in values and values.get("E_G"):
+                text += f" (‖E_Δ‖/‖E_G‖ = {values['E_Delta'] / values['E_G']:.3f})"
+            norms.append(f"{MODE_NAMES.get(mode, mode)}: {text}")
+    if norms:
+        lines += ["", "Frobenius norms of the tables: " + "; ".join(norms) + "."]
     return lines
 
 
