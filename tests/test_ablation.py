@@ -20,7 +20,7 @@ MODES = ("es", "nes", "gdes")
 
 
 def ablate_command(output, dataset, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "engine.ablate", "--output-dir", str(output), "--data.dirs", str(dataset),
+    return [sys.executable, "-m", "engine.cli", "ablate", "--output-dir", str(output), "--data.dirs", str(dataset),
             "--train.steps", str(STEPS), "--train.global-batch", "8", "--train.micro-batch", "8",
             "--log.interval", "2", "--log.embedding-similarity-interval", "3", "--log.progress-bar", "false",
             "--checkpoint.interval", str(STEPS), "--eval.sequences", "24", "--eval.batch-size", "8",
@@ -144,7 +144,7 @@ def test_rerun_trains_and_evaluates_nothing_again_and_report_rebuilds(ablation, 
         assert (ablation / "runs" / mode / "ablation_eval.json").stat().st_mtime_ns == stamps[mode]
     (ablation / "report.md").unlink()
     (ablation / "losses.png").unlink()
-    run_ablate([sys.executable, "-m", "engine.ablate", "--report", str(ablation)])
+    run_ablate([sys.executable, "-m", "engine.cli", "ablate", "--report", str(ablation)])
     assert "## Table 1" in (ablation / "report.md").read_text() and (ablation / "losses.png").is_file()
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.ablate import main as ablate_main
 from engine.ablate_eval import embedding_statistics, roc_auc, snownlp_sentiment
 from engine.ablate_report import PAPER_MNLI_M, PAPER_TABLE1, pattern_checks
+from engine.cli import main as dv3_main
 from engine.config import preset_config
 from engine.metrics import embedding_sample_rows
 from engine.rtd import RTDConfig, RTDModel
@@ -86,16 +86,16 @@ def test_pattern_checks_hold_on_the_papers_numbers_and_fail_on_the_reverse():
 
 
 def test_cli_refuses_a_sharing_flag_and_unknown_modes(capsys, tmp_path):
-    assert ablate_main(["--output-dir", str(tmp_path), "--rtd.sharing", "es"]) == 2
+    assert dv3_main(["ablate", "--output-dir", str(tmp_path), "--rtd.sharing", "es"]) == 2
     assert "--rtd.sharing: is set per run by dv3 ablate" in capsys.readouterr().err
-    assert ablate_main(["--output-dir", str(tmp_path), "--modes", "es,xes"]) == 2
+    assert dv3_main(["ablate", "--output-dir", str(tmp_path), "--modes", "es,xes"]) == 2
     assert "'xes' is not one of es, nes, gdes" in capsys.readouterr().err
-    assert ablate_main(["--output-dir", str(tmp_path), "--finetune.seeds", "0"]) == 2
+    assert dv3_main(["ablate", "--output-dir", str(tmp_path), "--finetune.seeds", "0"]) == 2
     assert "--finetune.seeds: must be >= 1" in capsys.readouterr().err
 
 
 def test_print_commands_gives_three_runs_that_differ_only_in_sharing(capsys, tmp_path):
-    assert ablate_main(["--output-dir", str(tmp_path / "ab"), "--train.steps", "50", "--print-commands"]) == 0
+    assert dv3_main(["ablate", "--output-dir", str(tmp_path / "ab"), "--train.steps", "50", "--print-commands"]) == 0
     text = capsys.readouterr().out
     pretrain = [line for line in text.splitlines() if line.startswith("dv3 pretrain")]
     assert len(pretrain) == 3
