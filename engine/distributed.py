@@ -146,3 +146,17 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Barrier, then destroy the process group before the interpreter exits.
+
+    Left to interpreter teardown, gloo's (and DeepSpeed's shared-memory) worker threads can be
+    destroyed while still joinable, and the process aborts with ``terminate called without an
+    active exception`` after all of its work is done: a clean run then reports a failure.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

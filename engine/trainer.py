@@ -418,7 +418,7 @@ def pretrain(config: RunConfig) -> int:
     if exit_code == 0 and env.is_main:
         log.info("finished %d steps; checkpoints in %s, TensorBoard logs in %s", state.step,
                  checkpoint.checkpoint_root(output_dir), output_dir / "tensorboard")
-    distributed.barrier()
+    distributed.shutdown()
     return exit_code
 
 

@@ -39,3 +39,5 @@ output = engine(ids, mask, masked, labels)
 engine.backward(output.loss)
 gradients = {name: safe_get_full_grad(parameter).clone() for name, parameter in model.embedding_parameters().items()}
 torch.save({"gradients": gradients, "loss": output.loss.detach()}, out_dir / f"rank{rank}.pt")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # a clean exit: see engine.distributed.shutdown
