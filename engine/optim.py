@@ -9,8 +9,9 @@ appears once. Biases and LayerNorm weights get no decay. Empty groups are droppe
 DeepSpeed sees them (it drops them silently, which would misalign anything indexed by group).
 
 The schedule scales each group's *own* base learning rate (DeepSpeed's schedulers give one
-lr to every group). Group settings are re-applied by name after any checkpoint load,
-because a universal-checkpoint reload copies group 0's settings onto every group.
+lr to every group). A ZeRO-3 universal-checkpoint reload copies every key of group 0 onto
+every group, its ``name`` included, so after any load the names are put back by position
+(``restore_group_names``) and then each group's settings are re-applied by name.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from dataclasses import dataclass
 from torch import nn
 
 from engine.run_config import OptimSection
-
-GROUP_NAMES = ("gen_decay", "gen_no_decay", "disc_decay", "disc_no_decay", "disc_delta")
 
 
 @dataclass(frozen=True)
@@ -88,6 +87,19 @@ class WarmupLinearSchedule:
         remaining = max(0, self.total_steps - step)
         span = max(1, self.total_steps - self.warmup_steps)
         return max(self.min_lr_ratio, remaining / span)
+
+
+def restore_group_names(optimizer, names: list[str]) -> None:
+    """Give the optimizer's groups back the names they had before a checkpoint load.
+
+    The order of the groups is ours (``build_param_groups``) and no load changes it; a ZeRO-3
+    universal load does overwrite every group's ``name`` with group 0's.
+    """
+    if len(optimizer.param_groups) != len(names):
+        raise RuntimeError(f"the checkpoint load left {len(optimizer.param_groups)} optimizer groups, "
+                           f"expected {len(names)} ({names})")
+    for group, name in zip(optimizer.param_groups, names, strict=True):
+        group["name"] = name
 
 
 def apply_group_settings(optimizer, settings: dict[str, GroupSettings], factor: float,

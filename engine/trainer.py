@@ -30,7 +30,13 @@ import torch
 from data_pipeline.masking import MaskingConfig
 from engine import checkpoint, distributed, metrics
 from engine.config import preset_config
-from engine.optim import WarmupLinearSchedule, apply_group_settings, build_param_groups, group_settings
+from engine.optim import (
+    WarmupLinearSchedule,
+    apply_group_settings,
+    build_param_groups,
+    group_settings,
+    restore_group_names,
+)
 from engine.rtd import RTDConfig, RTDModel, rtd_statistics
 from engine.run_config import ConfigError, RunConfig, resolve_repo_path
 
@@ -251,7 +257,9 @@ def pretrain(config: RunConfig) -> int:
     # -- resume ------------------------------------------------------------------------------------
     state = TrainState()
     if resume_from is not None:
+        group_names = [group["name"] for group in engine.optimizer.param_groups]
         saved = checkpoint.load(engine, resume_from)
+        restore_group_names(engine.optimizer, group_names)
         state = TrainState(step=saved["step"], nonfinite_in_a_row=saved.get("nonfinite_in_a_row", 0),
                            skipped_steps=saved.get("skipped_steps", 0), loader=saved["loader"])
         data.loader.load_state_dict(state.loader)

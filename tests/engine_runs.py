@@ -61,3 +61,13 @@ def step_losses(output_dir: Path) -> dict[int, tuple[float, float, float]]:
         if "loss" in record:
             losses[record["step"]] = (record["loss"], record["mlm_loss"], record["rtd_loss"])
     return losses
+
+
+def step_learning_rates(output_dir: Path) -> dict[int, dict[str, float]]:
+    """Each optimizer group's lr per logged step, from metrics.jsonl (later entries win)."""
+    rates = {}
+    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            rates[record["step"]] = {k.removeprefix("lr/"): v for k, v in record.items() if k.startswith("lr/")}
+    return rates

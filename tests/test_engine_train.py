@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine import checkpoint
-from tests.engine_runs import REPO, run_env, run_pretrain, start_pretrain, step_losses, wait_for
+from tests.engine_runs import REPO, run_env, run_pretrain, start_pretrain, step_learning_rates, step_losses, wait_for
 
 pytestmark = pytest.mark.slow
 N = 4  # steps before the interruption; runs go to 2N
@@ -72,6 +72,11 @@ def test_resume_at_another_world_size_through_a_universal_checkpoint(tiny_datase
     # replacements from its own random stream.)
     assert got[N + 1][1] == pytest.approx(expected[N + 1][1], rel=1e-5)
     assert got[N + 1][2] == pytest.approx(expected[N + 1][2], rel=0.05)
+    # A ZeRO-3 universal load renames every optimizer group after group 0: each group must
+    # still get its own lr (no decay on LayerNorm, the generator's multiplier only for it).
+    two_lrs, one_lrs = step_learning_rates(two_ranks), step_learning_rates(one_rank)
+    assert set(one_lrs[N + 1]) == {"gen_decay", "gen_no_decay", "disc_decay", "disc_no_decay"}
+    assert one_lrs[N + 1] == pytest.approx(two_lrs[N + 1], rel=1e-12)
 
 
 def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(tiny_dataset, tmp_path):
