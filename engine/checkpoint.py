@@ -117,7 +117,7 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
         return latest_complete(checkpoint_root(output_dir))
     path = Path(resume)
     if not is_complete(path):
-        raise ValueError(f"resume: {path} is not a complete dv3 checkpoint (no {COMPLETE_MARKER} or {STATE_FILE})")
+        raise ValueError(f"{path} is not a complete dv3 checkpoint (no {COMPLETE_MARKER} or {STATE_FILE})")
     return path
 
 

@@ -71,8 +71,9 @@ class EncoderConfig:
             raise ValueError(f"EncoderConfig.norm_rel_ebd={self.norm_rel_ebd!r} is not 'layer_norm' or 'none'")
         if self.position_buckets > 0 and self.relative_max_positions <= self.position_buckets // 2 + 1:
             raise ValueError(
-                f"EncoderConfig.max_relative_positions ({self.relative_max_positions}) must exceed "
-                f"position_buckets // 2 + 1 ({self.position_buckets // 2 + 1}) for log buckets"
+                f"EncoderConfig.max_relative_positions ({self.relative_max_positions}; when it is -1, "
+                f"max_position_embeddings) must exceed position_buckets // 2 + 1 "
+                f"({self.position_buckets // 2 + 1}) for log buckets"
             )
         if self.type_vocab_size < 0:
             raise ValueError(f"EncoderConfig.type_vocab_size must be >= 0, got {self.type_vocab_size}")

@@ -53,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         raise CommandError(str(error)) from error
 
+    from data_pipeline.errors import DataPipelineError
     from engine.trainer import pretrain
 
     try:
         return pretrain(config)
-    except ConfigError as error:
+    except (ConfigError, DataPipelineError) as error:  # bad data, checkpoint or model folder: one line
         raise CommandError(str(error)) from error

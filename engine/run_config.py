@@ -180,6 +180,31 @@ class RunConfig:
             path = getattr(self.model, name)
             need(path is None or (Path(path) / "config.json").is_file(), f"model.{name}",
                  f"{path} is not a Hugging Face model folder (no config.json)")
+        need(self.rtd.generator_layers is None or self.rtd.generator_layers >= 1, "rtd.generator_layers",
+             f"must be >= 1 (or unset for half the discriminator's depth), got {self.rtd.generator_layers}")
+        self.encoder_config()  # the model's own checks (dropout range, positions vs buckets, ...)
+
+    def encoder_config(self):
+        """The discriminator's ``EncoderConfig``: the preset (or the ``init_from`` model's config)
+        with the ``model.*`` overrides; the vocabulary size is settled later, against the data."""
+        from engine.config import preset_config
+
+        overrides = {
+            name: getattr(self.model, name)
+            for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "position_buckets",
+                         "max_position_embeddings")
+            if getattr(self.model, name) is not None
+        }
+        source = f"model.init_from={self.model.init_from}" if self.model.init_from else f"model.preset={self.model.preset}"
+        try:
+            if self.model.init_from:
+                from engine.hf_io import encoder_config_from_hf, read_hf_config
+
+                return encoder_config_from_hf(read_hf_config(self.model.init_from)).replace(**overrides)
+            return preset_config(self.model.preset, **overrides)
+        except (ValueError, OSError) as error:
+            flags = ", ".join(f"model.{name}={value}" for name, value in overrides.items())
+            raise ConfigError(f"{source}{' with ' + flags if flags else ''}: {error}") from error
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         per_step = self.train.micro_batch * world_size

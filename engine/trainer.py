@@ -1,16 +1,18 @@
 """The pretraining job: RTD with GDES under DeepSpeed, read top to bottom.
 
-    config -> world size check -> DeepSpeed config -> process group -> data -> model
-    -> ZeRO-3 external parameters -> named optimizer groups -> deepspeed.initialize
+    config -> world size check -> DeepSpeed config -> resume point -> process group -> data
+    (and the saved loader state checked against it) -> model -> ZeRO-3 external parameters -> named optimizer groups -> deepspeed.initialize
     -> resume -> for each step: seed, lr, micro-batches (forward, backward), step, log, checkpoint
 
 Exit status: 0 finished; 75 stopped on SIGUSR1/SIGTERM after a checkpoint (resume with
 ``--resume auto``); 1 stopped after too many non-finite losses in a row (the last good
-checkpoint is untouched).
+checkpoint is untouched); 2 bad input (a setting, the data, a checkpoint or a model folder),
+reported by ``dv3 pretrain`` on one line before the run directory is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.errors import DataPipelineError
 from data_pipeline.masking import MaskingConfig
 from engine import checkpoint, distributed, metrics
-from engine.config import preset_config
 from engine.optim import (
     WarmupLinearSchedule,
     apply_group_settings,
@@ -127,20 +129,20 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(derived)
 
 
-def build_model(config: RunConfig, vocab_size: int, mask_token_id: int) -> RTDModel:
-    model_overrides = {
-        name: getattr(config.model, name)
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "position_buckets",
-                     "max_position_embeddings")
-        if getattr(config.model, name) is not None
-    }
-    if config.model.init_from:
-        from engine.hf_io import encoder_config_from_hf, read_hf_config
+@contextlib.contextmanager
+def bad_input(what: str):
+    """Report an error in loading a user's file (a checkpoint, a HF folder, the loader state)
+    as a ``ConfigError`` naming ``what``: ``dv3 pretrain`` prints one line and exits 2."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, OSError, DataPipelineError) as error:
+        raise ConfigError(f"{what}: {error}") from error
 
-        encoder_config = encoder_config_from_hf(read_hf_config(config.model.init_from)).replace(**model_overrides)
-    else:
-        encoder_config = preset_config(config.model.preset, **model_overrides)
-    encoder_config = encoder_config.replace(vocab_size=config.model.vocab_size or vocab_size)
+
+def build_model(config: RunConfig, vocab_size: int, mask_token_id: int) -> RTDModel:
+    encoder_config = config.encoder_config().replace(vocab_size=config.model.vocab_size or vocab_size)
     if encoder_config.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size={encoder_config.vocab_size} is smaller than the data's vocabulary ({vocab_size})")
     rtd = RTDConfig(
@@ -152,7 +154,8 @@ def build_model(config: RunConfig, vocab_size: int, mask_token_id: int) -> RTDMo
     if config.model.init_from:
         from engine.init_from_hf import initialize_from_hf
 
-        initialize_from_hf(model, config.model.init_from, config.model.init_generator_from)
+        with bad_input("model.init_from"):
+            initialize_from_hf(model, config.model.init_from, config.model.init_generator_from)
     return model
 
 
@@ -208,8 +211,10 @@ def pretrain(config: RunConfig) -> int:
     env = distributed.discover()
     accumulation = config.gradient_accumulation_steps(env.world_size)  # before any process group
     ds_config = build_deepspeed_config(config, accumulation)
-    resume_from = checkpoint.resolve_resume(config.resume, config.output_dir)
-    if resume_from is not None and checkpoint.read_state(resume_from).get("universal"):
+    with bad_input("resume"):
+        resume_from = checkpoint.resolve_resume(config.resume, config.output_dir)
+        saved_state = checkpoint.read_state(resume_from) if resume_from is not None else None
+    if saved_state is not None and saved_state.get("universal"):
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     stage = zero_stage(ds_config)
 
@@ -220,15 +225,19 @@ def pretrain(config: RunConfig) -> int:
     from engine.data import open_training_data
 
     output_dir = Path(config.output_dir)
-    if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2))
     stop = StopRequest()
     stop.install()
 
     # -- data ------------------------------------------------------------------------------------
     data = open_training_data(config, rank=env.rank, world_size=env.world_size)
     log.info("data: %s", data.describe())
+    if saved_state is not None:  # refuse other data or another seed now, before any model is built
+        with bad_input(f"resume from {resume_from}: the data loader's state (resume with the run's own "
+                       "data and train.seed, or start a new run)"):
+            data.loader.load_state_dict(saved_state["loader"])
+    if env.is_main:  # only once the data and the resume point are known good: a refused run changes nothing
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     # -- model, ZeRO-3 wiring, optimizer groups ---------------------------------------------------
     seed_step(config.train.seed, 0, 0)  # identical initial weights on every rank
@@ -249,7 +258,7 @@ def pretrain(config: RunConfig) -> int:
                    "tokenizer": str(data.tokenizer_path)}
     log.info("model: %s discriminator %d layers, generator %d layers, %.1fM parameters; sharing=%s; ZeRO stage %d; "
              "%d rank(s) x micro-batch %d x accumulation %d = global batch %d",
-             config.model.preset, model.config.num_hidden_layers, model.generator_config.num_hidden_layers,
+             config.model.init_from or config.model.preset, model.config.num_hidden_layers, model.generator_config.num_hidden_layers,
              sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()) / 1e6,
              config.rtd.sharing, stage, env.world_size, config.train.micro_batch, accumulation,
              config.train.global_batch)
@@ -262,7 +271,6 @@ def pretrain(config: RunConfig) -> int:
         restore_group_names(engine.optimizer, group_names)
         state = TrainState(step=saved["step"], nonfinite_in_a_row=saved.get("nonfinite_in_a_row", 0),
                            skipped_steps=saved.get("skipped_steps", 0), loader=saved["loader"])
-        data.loader.load_state_dict(state.loader)
         log.info("resumed from %s at step %d (saved with world size %d)", resume_from, state.step,
                  saved.get("world_size", -1))
     apply_group_settings(engine.optimizer, settings, schedule.factor(state.step), betas, config.optim.eps)

@@ -157,3 +157,13 @@ def test_tensorboard_has_the_curves_a_run_should_show(uninterrupted):
     assert [e.step for e in events.Scalars("loss/total")] == list(range(1, 2 * N + 1))
     delta = events.Scalars("embedding_similarity/E_Delta")
     assert delta[0].step == 0 and delta[0].value == 0.0  # E_Delta starts at zero: no direction yet
+
+
+def test_resume_with_another_seed_is_refused_in_one_line_and_changes_nothing(uninterrupted, tiny_dataset):
+    before = {path: path.read_bytes() for path in (uninterrupted / "run_config.json", uninterrupted / "metrics.jsonl")}
+    result = run_pretrain(uninterrupted, tiny_dataset, 1, "--train.steps", str(2 * N + 2), "--resume", "auto",
+                          "--train.seed", "999", expect=2)
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("dv3 pretrain: error: resume from ") and "seed" in last_line
+    assert "Traceback" not in result.stderr
+    assert {path: path.read_bytes() for path in before} == before

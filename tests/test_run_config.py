@@ -2,6 +2,9 @@
 
 import argparse
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +64,9 @@ def test_bad_values_are_refused_naming_the_field(data, message):
     ({"data.dirs": "a,b", "data.weights": "1"}, "data.weights"),
     ({"train.deepspeed_config": "nowhere.json"}, "train.deepspeed_config"),
     ({"resume": "/no/such/checkpoint"}, "resume"),
+    ({"rtd.generator_layers": 0}, "rtd.generator_layers"),
+    ({"model.hidden_dropout_prob": 1.5}, "model.hidden_dropout_prob=1.5"),
+    ({"model.max_position_embeddings": 100}, "model.max_position_embeddings=100"),
 ])
 def test_validation_names_the_field(overrides, message):
     config = build_run_config({"train": {"deepspeed_config": "ds_configs/cpu.json"}}, overrides)
@@ -106,3 +112,16 @@ def test_every_field_has_a_flag():
     for section in ("model", "rtd", "data", "optim", "train", "checkpoint", "log"):
         for name in vars(getattr(config, section)):
             assert f"--{section}.{name.replace('_', '-')}" in flags
+
+
+def test_pretrain_refuses_a_folder_that_is_not_a_checkpoint_in_one_line(tmp_path):
+    not_a_checkpoint = tmp_path / "step00000010"
+    not_a_checkpoint.mkdir()
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "pretrain", "--config", "configs/tiny_cpu.yaml",
+                             "--output-dir", str(tmp_path / "run"), "--resume", str(not_a_checkpoint)],
+                            cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dv3 pretrain: error: resume: {not_a_checkpoint} is not a complete dv3 checkpoint (no COMPLETE or dv3_state.json)")
+    assert not (tmp_path / "run").exists()
