@@ -318,8 +318,8 @@ def _run_child(command: list[str], settings: AblationSettings, log_path: Path) -
     with open(log_path, "ab") as log_file:
         log_file.write(f"$ {shlex.join(command)}\n".encode())
         log_file.flush()
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=child_environment(settings), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=child_environment(settings), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT)  # in the user's directory: relative paths mean theirs
         assert process.stdout is not None
         try:
             while chunk := process.stdout.read1(65536):
@@ -424,9 +424,14 @@ def settings_from_args(args: argparse.Namespace) -> AblationSettings:
         except ValueError:
             raise CommandError(f"--{name}: expected an integer, got {value!r}") from None
 
+    # Absolute paths: the runs, commands.sh and a later `dv3 ablate` from another directory must
+    # all mean the same folders.
+    if "data.dirs" in overrides:
+        overrides["data.dirs"] = ",".join(str(resolve_repo_path(d.strip()).resolve())
+                                          for d in overrides["data.dirs"].split(",") if d.strip())
     settings = AblationSettings(
-        output_dir=args.output_dir,
-        config=args.config,
+        output_dir=args.output_dir.resolve(),
+        config=str(resolve_repo_path(args.config).resolve()) if args.config else None,
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
         steps=integer("train.steps", AblationSettings.steps),
         seed=integer("train.seed", AblationSettings.seed),

@@ -269,7 +269,7 @@ def _coerce(value, annotation, name: str):
 
 
 def read_config_file(path: str | Path) -> dict:
-    path = Path(path)
+    path = resolve_repo_path(str(path))  # configs/tiny_cpu.yaml works from any directory
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()

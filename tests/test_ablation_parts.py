@@ -105,3 +105,13 @@ def test_print_commands_gives_three_runs_that_differ_only_in_sharing(capsys, tmp
         assert same == pretrain[0].replace("--rtd.sharing es", "").replace(str(tmp_path / "ab" / "runs" / "es"), "RUN")
     assert text.count("dv3 slurm submit pretrain") == 3 and "--train.steps 50" in text
     assert not (tmp_path / "ab").exists()  # printing commands does nothing else
+
+
+def test_relative_paths_are_made_absolute_so_runs_land_where_the_user_meant(capsys, tmp_path, monkeypatch):
+    (tmp_path / "mydata").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert dv3_main(["ablate", "--output-dir", "ab", "--data.dirs", "mydata", "--print-commands"]) == 0
+    pretrain = [line for line in capsys.readouterr().out.splitlines() if line.startswith("dv3 pretrain")]
+    assert f"--output-dir {tmp_path / 'ab' / 'runs' / 'es'}" in pretrain[0]
+    assert f"--data.dirs {tmp_path / 'mydata'}" in pretrain[0]
+    assert "--config /" in pretrain[0]  # the default config, found in the checkout from anywhere
