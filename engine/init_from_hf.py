@@ -52,9 +52,7 @@ def initialize_from_hf(model: RTDModel, discriminator_path: str, generator_path:
             gen_state, model.rtd.enhanced_mask_decoder).items()}
         gen_encoder.update({k: v for k, v in gen_state.items()
                             if k.startswith("lm_predictions.lm_head.") and k != "lm_predictions.lm_head.weight"})
-        result = model.generator.load_state_dict(gen_encoder, strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"{generator_path}: weights that do not fit the generator: {result.unexpected_keys[:8]}")
+        _load_into(model.generator, gen_encoder, generator_path)  # a missing MLM head is refused, not left random
         e_g = model.generator.word_embeddings.weight
     else:
         model.generator.word_embeddings.weight.copy_(e_d)

@@ -54,3 +54,15 @@ def test_a_vocabulary_that_does_not_fit_is_refused(tmp_path):
     save_hf_encoder(DebertaV3Model(config), tmp_path / "disc")
     with pytest.raises(ValueError, match="word embedding"):
         initialize_from_hf(build_model("gdes"), str(tmp_path / "disc"))
+
+
+def test_a_generator_folder_without_its_mlm_head_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_hf_generator(build_model("nes").generator, tmp_path / "gen")
+    save_hf_encoder(build_model("nes").discriminator.deberta, tmp_path / "disc")
+    weights = tmp_path / "gen" / "model.safetensors"
+    state = {k: v for k, v in load_file(weights).items() if not k.startswith("lm_predictions.lm_head.dense")}
+    save_file(state, weights)
+    with pytest.raises(ValueError, match="weights missing for .*lm_predictions.lm_head.dense"):
+        initialize_from_hf(build_model("gdes"), str(tmp_path / "disc"), str(tmp_path / "gen"))
