@@ -71,10 +71,10 @@ def build_model(preset: str, vocab_size: int | None, sharing: str, seed: int) ->
     return RTDModel(preset_config(preset, **overrides), RTDConfig(sharing=sharing))
 
 
-def deepspeed_config(path: Path, micro_batch: int) -> dict:
+def deepspeed_config(path: Path, micro_batch: int, world_size: int = 1) -> dict:
     config = json.loads(path.read_text())
     config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
-                  train_batch_size=micro_batch, gradient_clipping=1.0)
+                  train_batch_size=micro_batch * world_size, gradient_clipping=1.0)
     config.setdefault("optimizer", {"type": "AdamW", "params": {}})["params"].update(
         lr=1e-4, betas=[0.9, 0.98], eps=1e-6, weight_decay=0.01)
     return config
@@ -118,7 +118,10 @@ def time_training(model: RTDModel, ds_config: dict, batches: list[dict], warmup:
         torch.cuda.reset_peak_memory_stats()
 
     def train_step(batch: dict) -> torch.Tensor:
-        output = engine(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "masked_input_ids", "mlm_labels")))
+        # No mask for an unpadded batch, as the trainer does: the attention then takes its unmasked path.
+        mask = None if bool(batch["attention_mask"].all()) else batch["attention_mask"].to(device)
+        output = engine(batch["input_ids"].to(device), mask, batch["masked_input_ids"].to(device),
+                        batch["mlm_labels"].to(device))
         engine.backward(output.loss)
         engine.step()
         return output.loss
@@ -183,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
     ds_path = resolve_repo_path(args.deepspeed_config or ("ds_configs/zero2_bf16.json" if gpu else "ds_configs/cpu.json"))
     peak = device_peak_tflops(args.peak_tflops)
 
-    distributed.init_process_group(distributed.discover())
+    env = distributed.discover()
+    distributed.init_process_group(env)
     from kernels.attention import attention_path_from_env
 
     report = {
@@ -193,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "deepspeed_config": str(ds_path), "seq_len": length, "micro_batch": micro_batch, "timed_steps": steps,
         "warmup_steps": warmup, "sharing": args.sharing, "dv3_attention": attention_path_from_env(),
-        "peak_tflops": peak, "results": {},
+        "peak_tflops": peak, "world_size": env.world_size,
+        "figures": "per rank: step time, tokens/s, TFLOP/s and peak memory of one rank's micro-batch",
+        "results": {},
     }
     try:
         import deepspeed
@@ -203,16 +209,19 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     for preset in presets:
-        ds_config = deepspeed_config(ds_path, micro_batch)
+        ds_config = deepspeed_config(ds_path, micro_batch, env.world_size)
         probe = build_model(preset, args.vocab_size, args.sharing, seed=0)
         batches = synthetic_batches(warmup + steps, micro_batch, length, probe, seed=0)
         del probe
         entry = {"dv3": time_training(build_model(preset, args.vocab_size, args.sharing, 0), ds_config, batches, warmup, peak)}
         if not args.skip_hf:
             entry["hf_eager"] = time_training(hf_twin(build_model(preset, args.vocab_size, args.sharing, 0)),
-                                              deepspeed_config(ds_path, micro_batch), batches, warmup, peak)
+                                              deepspeed_config(ds_path, micro_batch, env.world_size), batches, warmup,
+                                              peak)
             entry["speedup_tokens_per_s"] = entry["dv3"]["tokens_per_s"] / entry["hf_eager"]["tokens_per_s"]
         report["results"][preset] = entry
+        if not env.is_main:
+            continue
         for name in ("dv3", "hf_eager"):
             if name in entry:
                 r = entry[name]
@@ -221,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{r['model_tflops']:8.3f} TFLOP/s MFU {mfu:>6} peak {r['peak_memory_gib']:.2f} GiB")
         if "speedup_tokens_per_s" in entry:
             print(f"{preset:>7} dv3 / HF eager tokens/s: {entry['speedup_tokens_per_s']:.2f}x")
-    if args.output:
+    if args.output and env.is_main:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.output}")
