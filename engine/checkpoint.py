@@ -9,7 +9,8 @@ Layout of a run's ``checkpoints/`` folder::
 
 DeepSpeed writes its ``latest`` file without a barrier first, so it is never trusted here:
 ``--resume auto`` takes the newest folder that has ``COMPLETE``. Old checkpoints are pruned
-to the newest ``keep``.
+to the newest ``keep``. An explicit ``--resume`` from an older step moves the later ones into
+``abandoned-<time>-after-<tag>/``: out of reach of ``auto`` and of pruning, never deleted.
 
 DeepSpeed's own loader calls ``torch.load(weights_only=False)``; dv3 loads every checkpoint
 through :func:`weights_only_loading`, which forces the restricted unpickler and allows only
@@ -107,6 +108,30 @@ def prune(root: Path, keep: int) -> None:
                     and not candidate.name.endswith(UNIVERSAL_SUFFIX)
                     and candidate.name < tag_for_step(newest_step)):
                 shutil.rmtree(candidate, ignore_errors=True)
+
+
+def set_aside_newer(root: Path, step: int) -> Path | None:
+    """Move checkpoints of later steps than ``step`` into ``root/abandoned-<time>/``.
+
+    After an explicit resume from an older checkpoint they belong to a continuation the user
+    chose to abandon: left in place, ``--resume auto`` would jump back onto it and pruning would
+    count them and delete the new continuation's checkpoints. Moved, nothing is lost.
+    """
+    if not root.is_dir():
+        return None
+    newer = []
+    for candidate in root.iterdir():
+        if candidate.is_dir() and candidate.name.startswith("step") and not candidate.name.endswith(UNIVERSAL_SUFFIX):
+            digits = candidate.name[len("step"):]
+            if digits.isdigit() and int(digits) > step:
+                newer.append(candidate)
+    if not newer:
+        return None
+    destination = root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-after-{tag_for_step(step)}"
+    destination.mkdir()
+    for path in sorted(newer):
+        path.rename(destination / path.name)
+    return destination
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:

@@ -214,6 +214,11 @@ def pretrain(config: RunConfig) -> int:
     with bad_input("resume"):
         resume_from = checkpoint.resolve_resume(config.resume, config.output_dir)
         saved_state = checkpoint.read_state(resume_from) if resume_from is not None else None
+    if (saved_state is not None and not saved_state.get("universal") and saved_state.get("zero_stage", 0) > 0
+            and saved_state.get("world_size", env.world_size) != env.world_size):
+        raise ConfigError(f"resume: {resume_from} was saved by {saved_state['world_size']} ranks under ZeRO stage "
+                          f"{saved_state['zero_stage']}; to resume on {env.world_size}, convert it first: "
+                          f"dv3 ckpt universal --checkpoint {resume_from}")
     if saved_state is not None and saved_state.get("universal"):
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     stage = zero_stage(ds_config)
@@ -273,6 +278,12 @@ def pretrain(config: RunConfig) -> int:
                            skipped_steps=saved.get("skipped_steps", 0), loader=saved["loader"])
         log.info("resumed from %s at step %d (saved with world size %d)", resume_from, state.step,
                  saved.get("world_size", -1))
+        if config.resume != "auto" and env.is_main:
+            moved = checkpoint.set_aside_newer(checkpoint.checkpoint_root(output_dir), state.step)
+            if moved is not None:
+                log.warning("checkpoints after step %d belong to the continuation abandoned by this resume: "
+                            "moved to %s", state.step, moved)
+        distributed.barrier()
     apply_group_settings(engine.optimizer, settings, schedule.factor(state.step), betas, config.optim.eps)
 
     logger = metrics.RunLogger(output_dir, enabled=env.is_main)
