@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from data_pipeline.errors import ManifestError, ShardError
+from data_pipeline.errors import DataPipelineError, ManifestError, ShardError
 
 FORMAT_NAME = "dv3-pretrain-shards"
 FORMAT_VERSION = 1
@@ -399,7 +399,10 @@ def check_shard(data_dir: Path, info: ShardInfo, seq_len: int, full: bool = True
         return str(error)
     if not full:
         return None
-    digest = file_sha256(shard.path)
+    try:
+        digest = file_sha256(shard.path)
+    except DataPipelineError as error:
+        return str(error)
     if digest != info.sha256:
         return f"shard {shard.path} has sha256 {digest}, the manifest says {info.sha256}: its bytes changed"
     for batch, (rows, checksums) in enumerate(zip(shard.input_ids, shard.crc32, strict=True)):
@@ -412,9 +415,12 @@ def check_shard(data_dir: Path, info: ShardInfo, seq_len: int, full: bool = True
 
 def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(chunk_bytes):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as stream:
+            while chunk := stream.read(chunk_bytes):
+                digest.update(chunk)
+    except OSError as error:  # a missing --tokenizer, an unreadable shard: one line naming the file
+        raise DataPipelineError(f"{path} cannot be read: {error.strerror or error}") from error
     return digest.hexdigest()
 
 

@@ -178,6 +178,8 @@ def disentangled_attention_varlen(
     # Reference: each sequence on its own, as a batch of one.
     outputs = []
     for start, end in zip(boundaries[:-1].tolist(), boundaries[1:].tolist(), strict=True):
+        if end == start:  # an empty sequence adds no tokens (the fused path skips it the same way)
+            continue
         piece = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
         out = disentangled_attention_reference(
             *piece, rel_key, rel_query, None,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_pipeline import PretrainLoader
-from data_pipeline.errors import ConfigError, ManifestError, ShardError, TokenizerError
+from data_pipeline.errors import ConfigError, DataPipelineError, ManifestError, ShardError, TokenizerError
 from data_pipeline.masking import IGNORE_INDEX, MaskingConfig, mask_batch
 from data_pipeline.sampling import largest_remainder, source_probabilities
 from tests.test_data_support import (
@@ -303,6 +303,8 @@ def test_loader_refuses_another_tokenizer(tmp_path: Path, prepared_dir: Path, co
     (data / "spm.model").write_bytes(other.path.read_bytes())
     with pytest.raises(TokenizerError, match="changed after the shards were made"):
         PretrainLoader(data, batch_size=2)
+    with pytest.raises(DataPipelineError, match="nope.model cannot be read: No such file"):
+        PretrainLoader(prepared_dir, batch_size=2, tokenizer=tmp_path / "nope.model")
 
 
 def test_loader_settings_are_validated(prepared_dir: Path) -> None:

@@ -102,7 +102,7 @@ def test_varlen_entry_point_dispatches_and_checks_cu_seqlens(monkeypatch):
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(30, 2, 32, generator=gen).to(DEVICE) for _ in range(3))
     rel_key, rel_query = (torch.randn(2, 16, 32, generator=gen).to(DEVICE) for _ in range(2))
-    cu = torch.tensor([0, 12, 30], device=DEVICE)
+    cu = torch.tensor([0, 12, 12, 30], device=DEVICE)  # an empty sequence too
     with pytest.raises(ValueError, match="cu_seqlens must rise"):
         kernels.disentangled_attention_varlen(q, k, v, rel_key, rel_query, torch.tensor([0, 12, 29]), **SETTINGS)
     with pytest.raises(ValueError, match="max_seqlen=10"):
