@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_pipeline import bench
-from tests.test_data_support import build_prepared
+from tests.test_data_support import build_corpus, build_prepared
 
 
 @pytest.mark.slow
@@ -20,7 +20,7 @@ def test_bench_measures_every_figure_and_writes_json(
     bench.configure_parser(parser)
     output = tmp_path / "result.json"
     args = parser.parse_args(
-        ["--data", str(build_prepared(tmp_path_factory)), "--work-dir", str(tmp_path / "work"), "--seconds", "0.2",
+        ["--data", str(build_prepared(tmp_path_factory)), "--corpus", str(build_corpus(tmp_path_factory)), "--work-dir", str(tmp_path / "work"), "--seconds", "0.2",
          "--workers", "1", "--documents", "8", "--copy-mib", "16", "--output", str(output)]
     )  # fmt: skip
     assert bench.run(args) == 0
