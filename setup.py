@@ -16,7 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "data_pipeline", "data_pipeline.*"]),
-    package_data={"": ["*.json", "*.sbatch", "*.sh"]},
+    # Install editable (`pip install -e .`): ds_configs/, slurm/ and configs/ are read from the
+    # checkout (engine.run_config.resolve_repo_path), not shipped inside the packages.
     # torch is not pinned: a GPU cluster keeps the build it has. `make test` pins the CPU build
     # for the CPU development machine (scripts/bootstrap.sh).
     install_requires=[

@@ -339,9 +339,11 @@ def prepare(config: PrepareConfig) -> PrepareResult:
             logger.info(message)
             return PrepareResult(output, existing, [], list(range(config.num_parts)), message)
         if not config.overwrite:
+            fix = ("empty it once before the job array (--overwrite cannot be combined with --part)"
+                   if config.part is not None and config.num_parts > 1 else "pass --overwrite to replace it")
             raise ManifestError(
-                f"{output} already holds a dataset prepared from other inputs or settings; pass --overwrite to "
-                "replace it, or choose another --output"
+                f"{output} already holds a dataset prepared from other inputs or settings; {fix}, or choose "
+                "another --output"
             )
     if config.overwrite:
         _clear_dataset(output)

@@ -32,16 +32,26 @@ DV3_LOG_TAG="task $RANK/$WORLD_SIZE"
 dv3_log "on ${SLURMD_NODENAME:-$(hostname -s)} local rank $LOCAL_RANK, master $MASTER_ADDR:$MASTER_PORT," \
   "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $*"
 
-"$@" &
-child=$!
+# The traps come first: a USR1 before them would kill this wrapper (USR1's default) and orphan
+# the child. A signal that arrives before the child exists is held and passed on once it does.
+child=
+pending=
 forward() {
   DV3_SIGNALLED=1
-  kill -s "$1" "$child" 2>/dev/null || true
+  if [ -n "$child" ]; then
+    kill -s "$1" "$child" 2>/dev/null || true
+  else
+    pending=$1
+  fi
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 # A background child ignores INT (bash sets it so), so Ctrl-C on srun arrives as TERM.
 trap 'forward TERM' INT
+
+"$@" &
+child=$!
+[ -z "$pending" ] || kill -s "$pending" "$child" 2>/dev/null || true
 
 dv3_wait "$child"
 rc=$DV3_WAIT_RC
