@@ -64,6 +64,7 @@ class FinetuneSettings:
             (self.batch_size >= 1, "--finetune.batch-size", f"must be >= 1, got {self.batch_size}"),
             (self.max_length >= 8, "--finetune.max-length", f"must be >= 8, got {self.max_length}"),
             (0 <= self.warmup_fraction < 1, "--finetune.warmup-fraction", f"must be in [0, 1), got {self.warmup_fraction}"),
+            (self.weight_decay >= 0, "--finetune.weight-decay", f"must be >= 0, got {self.weight_decay}"),
         ]
         for ok, name, message in checks:
             if not ok:
@@ -122,6 +123,13 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
                        help="(default: %(default)s)")
     group.add_argument("--finetune.max-length", dest="finetune_max_length", metavar="N", type=int, default=tune.max_length,
                        help="tokens per review after truncation (default: %(default)s)")
+    group.add_argument("--finetune.warmup-fraction", dest="finetune_warmup_fraction", metavar="F", type=float,
+                       default=tune.warmup_fraction, help="share of the steps spent warming up (default: %(default)s)")
+    group.add_argument("--finetune.weight-decay", dest="finetune_weight_decay", metavar="W", type=float,
+                       default=tune.weight_decay, help="AdamW weight decay (default: %(default)s)")
+    group.add_argument("--finetune.split-seed", dest="finetune_split_seed", metavar="SEED", type=int,
+                       default=tune.split_seed, help="which reviews go to train and test; the same for every "
+                       "mode and seed (default: %(default)s)")
     group.add_argument("--finetune.no-baseline", dest="finetune_baseline", action="store_false",
                        help="skip the no-pretraining baseline (same architecture, random initialisation)")
 
@@ -134,7 +142,8 @@ def evaluation_settings_from_args(args: argparse.Namespace) -> EvaluationSetting
             task=args.finetune_task, seeds=args.finetune_seeds, train_examples=args.finetune_train_examples,
             test_examples=args.finetune_test_examples, epochs=args.finetune_epochs, lr=args.finetune_lr,
             batch_size=args.finetune_batch_size, max_length=args.finetune_max_length,
-            baseline=args.finetune_baseline,
+            warmup_fraction=args.finetune_warmup_fraction, weight_decay=args.finetune_weight_decay,
+            split_seed=args.finetune_split_seed, baseline=args.finetune_baseline,
         ),
     )
     settings.validate()

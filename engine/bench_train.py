@@ -52,7 +52,8 @@ class HFEncoder(nn.Module):
         self.model.embeddings.word_embeddings = ours.embeddings.word_embeddings
         self.embeddings = self.model.embeddings
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states=False):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states=False,
+                check_inputs=True):  # the RTD model checked the batch already
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
         hidden = list(output.hidden_states) if output_hidden_states else None
         return EncoderOutput(output.last_hidden_state, hidden, None)

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _subcommand_registrars():
-    """Subcommands, in the order of a user's day; each import is cheap (heavy imports happen in ``func``)."""
+    """Subcommands, in the order of a user's day (the heaviest imports wait for ``func``)."""
     from data_pipeline.cli import register as data
     from engine.ablate import register as ablate
     from engine.bench_cli import register as bench

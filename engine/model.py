@@ -44,8 +44,7 @@ def check_token_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | No
         raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
-    low, high = torch.aminmax(input_ids)
-    low, high = int(low), int(high)
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
@@ -250,8 +249,12 @@ class DebertaV3Model(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        check_inputs: bool = True,
     ) -> EncoderOutput:
-        check_token_batch(input_ids, attention_mask, self.config.vocab_size)
+        """``check_inputs=False`` skips the token-range check (a host sync on GPU) for callers
+        that checked the batch already, as the RTD model does once per micro-batch."""
+        if check_inputs:
+            check_token_batch(input_ids, attention_mask, self.config.vocab_size)
         input_ids = input_ids.long()
         # No mask means no padding: the attention then takes its cheaper unmasked path.
         hidden_states = self.embeddings(input_ids, attention_mask, token_type_ids)

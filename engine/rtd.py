@@ -98,7 +98,9 @@ class MaskedLMModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, selected) -> torch.Tensor:
         """MLM logits ``[N, vocab]`` at the ``selected`` positions."""
-        encoded = self.deberta(input_ids, attention_mask, output_hidden_states=self.lm_predictions.enhanced)
+        # The ids come from RTDModel.forward, which checked the batch once.
+        encoded = self.deberta(input_ids, attention_mask, output_hidden_states=self.lm_predictions.enhanced,
+                               check_inputs=False)
         return self.lm_predictions(self.deberta, encoded, attention_mask, selected, self.word_embeddings.weight)
 
 
@@ -114,7 +116,7 @@ class ReplacedTokenDetectionModel(nn.Module):
 
     def forward(self, input_ids, attention_mask) -> torch.Tensor:
         """Replaced-token logits ``[B, L]``."""
-        return self.mask_predictions(self.deberta(input_ids, attention_mask).last_hidden_state)
+        return self.mask_predictions(self.deberta(input_ids, attention_mask, check_inputs=False).last_hidden_state)
 
 
 class RTDOutput(NamedTuple):

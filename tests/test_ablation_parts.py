@@ -92,6 +92,8 @@ def test_cli_refuses_a_sharing_flag_and_unknown_modes(capsys, tmp_path):
     assert "'xes' is not one of es, nes, gdes" in capsys.readouterr().err
     assert dv3_main(["ablate", "--output-dir", str(tmp_path), "--finetune.seeds", "0"]) == 2
     assert "--finetune.seeds: must be >= 1" in capsys.readouterr().err
+    assert dv3_main(["ablate", "--output-dir", str(tmp_path), "--finetune.warmup-fraction", "1.5"]) == 2
+    assert "--finetune.warmup-fraction: must be in [0, 1), got 1.5" in capsys.readouterr().err
 
 
 def test_print_commands_gives_three_runs_that_differ_only_in_sharing(capsys, tmp_path):
