@@ -101,9 +101,6 @@ class InputFile:
     def size(self) -> int:
         return self.path.stat().st_size
 
-    def to_dict(self) -> dict:
-        return {"path": str(self.path), "format": self.format, "language": self.language, "key": self.key}
-
 
 @dataclass
 class Document:
