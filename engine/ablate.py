@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engine.errors import CommandError
+from engine.errors import EXIT_PREEMPTED, CommandError
 from engine.rtd import SHARING_MODES
 from engine.run_config import (
     REPO_ROOT,
@@ -48,7 +48,6 @@ log = logging.getLogger("dv3.ablate")
 DEFAULT_CORPORA = ("english", "multilingual")
 # Run settings that ablate decides per run; a flag for them would break the comparison.
 CONTROLLED_FIELDS = ("rtd.sharing",)
-EXIT_PREEMPTED = 75
 
 
 @dataclass

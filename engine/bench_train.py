@@ -18,7 +18,6 @@ import argparse
 import gc
 import json
 import platform
-import resource
 import sys
 import time
 from datetime import datetime, timezone
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine import metrics
 from engine.config import PRESETS, preset_config
 from engine.model import DebertaV3Model, EncoderOutput
 from engine.rtd import RTDConfig, RTDModel
@@ -94,14 +94,6 @@ def synthetic_batches(count: int, micro_batch: int, length: int, model: RTDModel
     return batches
 
 
-def peak_memory_gib() -> float:
-    """GPU: peak allocated since the last reset. CPU: the process's peak RSS, which never goes
-    down, so a later contender's figure includes the earlier one's."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def time_training(model: RTDModel, ds_config: dict, batches: list[dict], warmup: int, peak_tflops: float | None) -> dict:
     import deepspeed
 
@@ -148,7 +140,7 @@ def time_training(model: RTDModel, ds_config: dict, batches: list[dict], warmup:
         "tokens_per_s": micro_batch * length / step_time,
         "model_tflops": tflops,
         "mfu": tflops / peak_tflops if peak_tflops else None,
-        "peak_memory_gib": peak_memory_gib(),
+        "peak_memory_gib": metrics.peak_memory_gib(),
         "final_loss": loss.item(),
     }
     engine.destroy()

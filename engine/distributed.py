@@ -128,7 +128,7 @@ def init_process_group(env: DistributedEnv) -> None:
                                verbose=False)
 
 
-def all_ranks_agree(flag: bool) -> bool:
+def any_rank(flag: bool) -> bool:
     """True if ``flag`` is true on any rank (a one-element MAX all-reduce)."""
     import torch
     import torch.distributed as dist

@@ -17,6 +17,7 @@ by the device's dense bf16 peak.
 from __future__ import annotations
 
 import math
+import resource
 from pathlib import Path
 
 import torch
@@ -25,6 +26,14 @@ from engine.config import EncoderConfig
 
 # Dense bf16 tensor-core peak per device (TFLOP/s), by a substring of the device name.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 125.0, "V100": 125.0}
+
+
+def peak_memory_gib() -> float:
+    """GPU: peak allocated since the last reset. CPU: the process's peak RSS (Linux reports KiB),
+    which never goes down."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def encoder_forward_flops(config: EncoderConfig, batch: int, length: int) -> float:

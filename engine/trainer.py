@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import random
-import resource
 import signal
 import sys
 import time
@@ -32,6 +31,7 @@ import torch
 from data_pipeline.errors import DataPipelineError
 from data_pipeline.masking import MaskingConfig
 from engine import checkpoint, distributed, metrics
+from engine.errors import EXIT_PREEMPTED
 from engine.optim import (
     WarmupLinearSchedule,
     apply_group_settings,
@@ -44,7 +44,6 @@ from engine.run_config import ConfigError, RunConfig, resolve_repo_path
 
 log = logging.getLogger("dv3")
 
-EXIT_PREEMPTED = 75
 EXIT_NONFINITE = 1
 COUNT_NAMES = ("masked", "masked_correct", "tokens", "replaced", "predicted_replaced", "true_positive", "rtd_correct")
 
@@ -192,12 +191,6 @@ def embedding_similarities(model: RTDModel, rows: torch.Tensor, stage: int) -> d
     return result
 
 
-def memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 @dataclass
 class TrainState:
     step: int = 0
@@ -338,7 +331,7 @@ def pretrain(config: RunConfig) -> int:
             loss = output.loss
             if step in config.train.fail_loss_at_steps and env.rank == 0 and micro == 0:
                 loss = loss * float("nan")  # fault injection (tests of the non-finite guard)
-            if distributed.all_ranks_agree(not bool(torch.isfinite(loss.detach()))):
+            if distributed.any_rank(not bool(torch.isfinite(loss.detach()))):
                 poisoned = True
                 continue
             engine.backward(loss)
@@ -392,7 +385,7 @@ def pretrain(config: RunConfig) -> int:
                 "tokens_per_s": tokens_per_s, "samples_per_s": config.train.global_batch / step_time,
                 "model_tflops": tflops / env.world_size, "mfu": (tflops / env.world_size / peak) if peak else None,
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "memory_gib": memory_gib(),
+                "memory_gib": metrics.peak_memory_gib(),
                 **{f"lr/{k}": v for k, v in lrs.items()}, **{f"grad_norm/{k}": v for k, v in grad_norms.items()},
             }
             if env.is_main:
@@ -422,7 +415,7 @@ def pretrain(config: RunConfig) -> int:
         if state.step % config.log.embedding_similarity_interval == 0:
             record_embedding_similarities(state.step)
 
-        stop_requested = distributed.all_ranks_agree(stop.signal_name is not None)
+        stop_requested = distributed.any_rank(stop.signal_name is not None)
         periodic = state.step % config.checkpoint.interval == 0 or state.step == config.train.steps
         # During a run of non-finite losses no periodic checkpoint is written: pruning must never
         # push the last good checkpoint out while the run may be going bad.
