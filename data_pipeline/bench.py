@@ -71,10 +71,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    from data_pipeline.tokenizer import default_num_threads
+
+    return default_num_threads()  # the cores this process may use
 
 
 def machine_info() -> dict:

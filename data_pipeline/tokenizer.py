@@ -28,6 +28,7 @@ from pathlib import Path
 
 from data_pipeline.corpus import Document, split_long_text
 from data_pipeline.errors import ConfigError, CorpusError, TokenizerError
+from data_pipeline.sampling import largest_remainder
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +221,9 @@ class SentenceSampler:
             return [], {}
         budget = min(total, available)
         probabilities = language_probabilities(self.seen, alpha)
-        quotas = _largest_remainder(probabilities, budget)
+        languages = sorted(probabilities)
+        counts = largest_remainder([probabilities[language] for language in languages], budget)
+        quotas = dict(zip(languages, counts.tolist(), strict=True))
         chosen: list[str] = []
         for language in sorted(quotas):
             reservoir = self._reservoirs[language]
@@ -231,15 +234,6 @@ class SentenceSampler:
             chosen.extend(self._rng.sample(reservoir, rest))
         self._rng.shuffle(chosen)
         return chosen, quotas
-
-
-def _largest_remainder(probabilities: dict[str, float], total: int) -> dict[str, int]:
-    exact = {key: p * total for key, p in probabilities.items()}
-    counts = {key: int(value) for key, value in exact.items()}
-    leftover = total - sum(counts.values())
-    for key in sorted(exact, key=lambda k: (counts[k] - exact[k], k))[:leftover]:
-        counts[key] += 1
-    return counts
 
 
 def train_tokenizer(

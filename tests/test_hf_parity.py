@@ -181,3 +181,15 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf_v3_config(64, 4, 1, 256, -1).to_dict()))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_hf_encoder(tmp_path)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new", "gelu_python", "relu", "tanh", "silu"])
+def test_every_accepted_activation_is_the_one_transformers_applies(activation):
+    from transformers.activations import ACT2FN
+
+    from engine.config import SUPPORTED_ACTIVATIONS
+    from engine.model import ACTIVATIONS
+
+    assert set(ACTIVATIONS) == set(SUPPORTED_ACTIVATIONS)  # the config accepts exactly what the model builds
+    x = torch.linspace(-6, 6, 101)
+    torch.testing.assert_close(ACTIVATIONS[activation](x), ACT2FN[activation](x), rtol=1e-6, atol=1e-6)
