@@ -107,7 +107,7 @@ def read_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder} holds no model.safetensors or pytorch_model.bin (nor a sharded index)")
 
 
-def _encoder_state(state: dict[str, torch.Tensor], keep_absolute_positions: bool) -> dict[str, torch.Tensor]:
+def encoder_weights(state: dict[str, torch.Tensor], keep_absolute_positions: bool) -> dict[str, torch.Tensor]:
     """The ``DebertaV2Model`` part of a checkpoint, with any ``deberta.`` prefix removed."""
     encoder: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -122,7 +122,30 @@ def _encoder_state(state: dict[str, torch.Tensor], keep_absolute_positions: bool
     return encoder
 
 
-def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def mlm_head_weights(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Microsoft's MLM head (``lm_predictions.lm_head.*``) from a checkpoint, names kept.
+
+    HF's DebertaV2ForMaskedLM also saves ``lm_predictions.lm_head.weight``, an alias of the tied
+    word embedding; the head itself owns only dense, LayerNorm and bias."""
+    head = {k: v for k, v in state.items()
+            if k.startswith("lm_predictions.lm_head.") and k != "lm_predictions.lm_head.weight"}
+    if not head:
+        raise ValueError(f"{source}: no MLM head (lm_predictions.lm_head.*) in this checkpoint")
+    return head
+
+
+def rtd_head_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Microsoft's RTD head (``mask_predictions.*``), its ``classifer`` spelling made ``classifier``;
+    empty when the checkpoint has none."""
+    return {
+        key.replace("mask_predictions.classifer.", "mask_predictions.classifier."): value
+        for key, value in state.items()
+        if key.startswith("mask_predictions.")
+    }
+
+
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``module``; any missing or unexpected weight is an error naming ``source``."""
     result = module.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
@@ -135,7 +158,7 @@ def load_hf_encoder(path: str | Path) -> DebertaV3Model:
     """Our encoder from a ``DebertaV2Model``-style folder (any head in it is ignored)."""
     config = encoder_config_from_hf(read_hf_config(path), source=str(Path(path) / "config.json"))
     model = DebertaV3Model(config)
-    _load_strict(model, _encoder_state(read_hf_state_dict(path), keep_absolute_positions=False), str(path))
+    load_strict(model, encoder_weights(read_hf_state_dict(path), keep_absolute_positions=False), str(path))
     return model
 
 
@@ -143,15 +166,10 @@ def load_hf_generator(path: str | Path, enhanced_mask_decoder: bool = False) -> 
     """A generator from a folder holding Microsoft's MLM head (``lm_predictions.lm_head.*``)."""
     config = encoder_config_from_hf(read_hf_config(path), source=str(Path(path) / "config.json"))
     state = read_hf_state_dict(path)
-    if not any(key.startswith("lm_predictions.lm_head.") for key in state):
-        raise ValueError(f"{path}: no MLM head (lm_predictions.lm_head.*) in this checkpoint")
     model = MaskedLMModel(config, enhanced_mask_decoder)
-    full = {f"deberta.{k}": v for k, v in _encoder_state(state, enhanced_mask_decoder).items()}
-    # HF's DebertaV2ForMaskedLM also saves `lm_predictions.lm_head.weight`, an alias of the tied
-    # word embedding; the head itself owns only dense, LayerNorm and bias.
-    full.update({k: v for k, v in state.items()
-                 if k.startswith("lm_predictions.lm_head.") and k != "lm_predictions.lm_head.weight"})
-    _load_strict(model, full, str(path))
+    full = {f"deberta.{k}": v for k, v in encoder_weights(state, enhanced_mask_decoder).items()}
+    full.update(mlm_head_weights(state, str(path)))
+    load_strict(model, full, str(path))
     return model
 
 
@@ -159,18 +177,13 @@ def load_hf_discriminator(path: str | Path) -> ReplacedTokenDetectionModel:
     """A discriminator from a folder holding Microsoft's RTD head (``mask_predictions.*``)."""
     config = encoder_config_from_hf(read_hf_config(path), source=str(Path(path) / "config.json"))
     state = read_hf_state_dict(path)
-    head = {
-        # Microsoft's RTD head spells its output layer "classifer".
-        key.replace("mask_predictions.classifer.", "mask_predictions.classifier."): value
-        for key, value in state.items()
-        if key.startswith("mask_predictions.")
-    }
+    head = rtd_head_weights(state)
     if not head:
         raise ValueError(f"{path}: no RTD head (mask_predictions.*) in this checkpoint")
     model = ReplacedTokenDetectionModel(config)
-    full = {f"deberta.{k}": v for k, v in _encoder_state(state, keep_absolute_positions=False).items()}
+    full = {f"deberta.{k}": v for k, v in encoder_weights(state, keep_absolute_positions=False).items()}
     full.update(head)
-    _load_strict(model, full, str(path))
+    load_strict(model, full, str(path))
     return model
 
 

@@ -17,42 +17,31 @@ import logging
 
 import torch
 
-from engine.hf_io import _encoder_state, read_hf_state_dict
+from engine.hf_io import encoder_weights, load_strict, mlm_head_weights, read_hf_state_dict, rtd_head_weights
 from engine.rtd import GradientDisentangledEmbedding, RTDModel
 
 log = logging.getLogger("dv3")
 
 
-def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    result = module.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"{source}: weights that do not fit the model: {sorted(result.unexpected_keys)[:8]}")
-    if result.missing_keys:
-        raise ValueError(f"{source}: weights missing for {sorted(result.missing_keys)[:8]}")
-
-
 @torch.no_grad()
 def initialize_from_hf(model: RTDModel, discriminator_path: str, generator_path: str | None = None) -> None:
     disc_state = read_hf_state_dict(discriminator_path)
-    encoder = _encoder_state(disc_state, keep_absolute_positions=False)
+    encoder = encoder_weights(disc_state, keep_absolute_positions=False)
     e_d = encoder.pop("embeddings.word_embeddings.weight")
     if e_d.shape != model.generator.word_embeddings.weight.shape:
         raise ValueError(f"{discriminator_path}: word embedding {tuple(e_d.shape)} does not fit the model's "
                          f"{tuple(model.generator.word_embeddings.weight.shape)} (vocabulary of the data?)")
     discriminator = model.discriminator.deberta
     _load_into_partial(discriminator, encoder, discriminator_path)
-    head = {k[len("mask_predictions."):].replace("classifer.", "classifier."): v
-            for k, v in disc_state.items() if k.startswith("mask_predictions.")}
-    if head:
-        _load_into(model.discriminator.mask_predictions, head, discriminator_path)
+    head = {k[len("mask_predictions."):]: v for k, v in rtd_head_weights(disc_state).items()}
+    if head:  # a bare encoder folder has none: the head then starts fresh
+        load_strict(model.discriminator.mask_predictions, head, discriminator_path)
 
     if generator_path:
         gen_state = read_hf_state_dict(generator_path)
-        gen_encoder = {f"deberta.{k}": v for k, v in _encoder_state(
-            gen_state, model.rtd.enhanced_mask_decoder).items()}
-        gen_encoder.update({k: v for k, v in gen_state.items()
-                            if k.startswith("lm_predictions.lm_head.") and k != "lm_predictions.lm_head.weight"})
-        _load_into(model.generator, gen_encoder, generator_path)  # a missing MLM head is refused, not left random
+        gen_weights = {f"deberta.{k}": v for k, v in encoder_weights(gen_state, model.rtd.enhanced_mask_decoder).items()}
+        gen_weights.update(mlm_head_weights(gen_state, generator_path))
+        load_strict(model.generator, gen_weights, generator_path)  # nothing may be left at random init
         e_g = model.generator.word_embeddings.weight
     else:
         model.generator.word_embeddings.weight.copy_(e_d)
