@@ -48,6 +48,7 @@ from data_pipeline.shards import (
     file_sha256,
     read_manifest,
     verify_shards,
+    write_bytes_atomic,
     write_json_atomic,
 )
 from data_pipeline.tokenizer import (
@@ -275,9 +276,7 @@ def _install_tokenizer(given: Path, output: Path, overwrite: bool) -> SentencePi
                 f"{target} exists and differs from --tokenizer {given} (sha256 {existing[:12]} vs "
                 f"{tokenizer.sha256[:12]}); pass --overwrite to replace the dataset in {output}"
             )
-    temporary = target.with_name(f"{TEMPORARY_PREFIX}{target.name}.{os.getpid()}")
-    shutil.copyfile(given, temporary)
-    os.replace(temporary, target)
+    write_bytes_atomic(target, Path(given).read_bytes())  # a few MB at most
     (output / TOKENIZER_RECORD).unlink(missing_ok=True)
     return SentencePieceTokenizer(target)
 

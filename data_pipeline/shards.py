@@ -155,11 +155,16 @@ class Manifest:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON under a temporary name, flush it to disk, then rename it into place."""
+    write_bytes_atomic(path, (json.dumps(data, indent=1, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` under a temporary name, flush it to disk, then rename it into place: a
+    reader sees the old file or the whole new one, never a torn one."""
     temporary = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
     try:
-        with open(temporary, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=1, sort_keys=False)
-            stream.write("\n")
+        with open(temporary, "wb") as stream:
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)

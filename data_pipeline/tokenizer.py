@@ -29,6 +29,7 @@ from pathlib import Path
 from data_pipeline.corpus import Document, split_long_text
 from data_pipeline.errors import ConfigError, CorpusError, TokenizerError
 from data_pipeline.sampling import largest_remainder
+from data_pipeline.shards import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -286,9 +287,7 @@ def train_tokenizer(
             hint = "; the corpus has more distinct characters than pieces: pass a larger --vocab-size or a lower --character-coverage"
         raise TokenizerError(f"SentencePiece training failed: {message}{hint}") from error
     output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".tmp-{output.name}.{os.getpid()}")
-    temporary.write_bytes(model.getvalue())
-    os.replace(temporary, output)
+    write_bytes_atomic(output, model.getvalue())
     tokenizer = SentencePieceTokenizer(output)
     summary = {
         "sentences_seen": dict(sorted(sampler.seen.items())),
