@@ -141,6 +141,17 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def rank0_value(value):
+    """Rank 0's ``value`` on every rank (a picklable object; a broadcast when there are several)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

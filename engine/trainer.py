@@ -212,13 +212,24 @@ def pretrain(config: RunConfig) -> int:
         raise ConfigError(f"resume: {resume_from} was saved by {saved_state['world_size']} ranks under ZeRO stage "
                           f"{saved_state['zero_stage']}; to resume on {env.world_size}, convert it first: "
                           f"dv3 ckpt universal --checkpoint {resume_from}")
-    if saved_state is not None and saved_state.get("universal"):
-        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     stage = zero_stage(ds_config)
 
     setup_logging(env.rank)
     distributed.init_process_group(env)
     import deepspeed
+
+    # Every rank resolved `--resume` on its own; if the folder changed in between (a lingering
+    # process of an earlier job still writing), they could load different steps and then wait
+    # on each other forever. Rank 0's choice is everyone's.
+    agreed = distributed.rank0_value(str(resume_from) if resume_from is not None else None)
+    if agreed != (str(resume_from) if resume_from is not None else None):
+        log.warning("rank %d resolved resume=%s to %s, rank 0 to %s: using rank 0's", env.rank, config.resume,
+                    resume_from, agreed)
+        resume_from = Path(agreed) if agreed is not None else None
+        with bad_input("resume"):
+            saved_state = checkpoint.read_state(resume_from) if resume_from is not None else None
+    if saved_state is not None and saved_state.get("universal"):
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
     from engine.data import open_training_data
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -41,13 +41,30 @@ def start_pretrain(output_dir: Path, dataset: Path, nproc: int, *extra: str) -> 
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it. torchrun starts each worker in a session
+    of its own, so killing the launcher's process group would leave the ranks running."""
+    import psutil
+
+    try:
+        root = psutil.Process(process.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for member in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(tree, timeout=30)
+    process.wait()
+
+
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while not path.exists():
         if process.poll() is not None:
             raise AssertionError(f"the run exited ({process.returncode}) before {path} appeared")
         if time.time() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_tree(process)
             raise AssertionError(f"{path} did not appear within {timeout}s")
         time.sleep(0.05)
 

@@ -12,7 +12,16 @@ import pytest
 import torch
 
 from engine import checkpoint
-from tests.engine_runs import REPO, run_env, run_pretrain, start_pretrain, step_learning_rates, step_losses, wait_for
+from tests.engine_runs import (
+    REPO,
+    kill_tree,
+    run_env,
+    run_pretrain,
+    start_pretrain,
+    step_learning_rates,
+    step_losses,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 N = 4  # steps before the interruption; runs go to 2N
@@ -31,10 +40,10 @@ def test_resume_after_sigkill_gives_identical_losses_at_every_step(uninterrupted
     output.mkdir()
     process = start_pretrain(output, tiny_dataset, 2, "--train.steps", str(2 * N), "--checkpoint.interval", str(N))
     wait_for(checkpoint.checkpoint_root(output) / checkpoint.tag_for_step(N) / checkpoint.COMPLETE_MARKER, process)
-    os.killpg(process.pid, signal.SIGKILL)  # right after the checkpoint: no chance to clean up
-    process.wait()
-    run_pretrain(output, tiny_dataset, 2, "--train.steps", str(2 * N), "--checkpoint.interval", str(N),
-                 "--resume", "auto")
+    kill_tree(process)  # right after the checkpoint, every rank: no chance to clean up
+    resumed = run_pretrain(output, tiny_dataset, 2, "--train.steps", str(2 * N), "--checkpoint.interval", str(N),
+                           "--resume", "auto")
+    assert f"{checkpoint.tag_for_step(N)} at step {N}" in resumed.stderr  # it resumed, from the checkpoint at N
 
     expected, got = step_losses(uninterrupted), step_losses(output)
     assert sorted(expected) == sorted(got) == list(range(1, 2 * N + 1))
