@@ -171,12 +171,10 @@ def weights_only_loading():
         torch.load = original
 
 
-def load(engine, path: Path) -> dict:
-    """Collective: load a complete checkpoint into the engine; returns its dv3 state."""
-    state = read_state(path)
+def load(engine, path: Path) -> None:
+    """Collective: load a complete checkpoint into the engine (its dv3 state: :func:`read_state`)."""
     with weights_only_loading():
         loaded_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
     if loaded_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
-    return state

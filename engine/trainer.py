@@ -1,8 +1,9 @@
 """The pretraining job: RTD with GDES under DeepSpeed, read top to bottom.
 
     config -> world size check -> DeepSpeed config -> resume point -> process group -> data
-    (and the saved loader state checked against it) -> model -> ZeRO-3 external parameters -> named optimizer groups -> deepspeed.initialize
-    -> resume -> for each step: seed, lr, micro-batches (forward, backward), step, log, checkpoint
+    (the saved loader state checked against it) -> model -> ZeRO-3 external parameters
+    -> named optimizer groups -> deepspeed.initialize -> resume
+    -> for each step: seed, lr, micro-batches (forward, backward), step, log, checkpoint
 
 Exit status: 0 finished; 75 stopped on SIGUSR1/SIGTERM after a checkpoint (resume with
 ``--resume auto``); 1 stopped after too many non-finite losses in a row (the last good
@@ -221,11 +222,11 @@ def pretrain(config: RunConfig) -> int:
     # Every rank resolved `--resume` on its own; if the folder changed in between (a lingering
     # process of an earlier job still writing), they could load different steps and then wait
     # on each other forever. Rank 0's choice is everyone's.
-    agreed = distributed.rank0_value(str(resume_from) if resume_from is not None else None)
-    if agreed != (str(resume_from) if resume_from is not None else None):
+    agreed = distributed.rank0_value(resume_from)
+    if agreed != resume_from:
         log.warning("rank %d resolved resume=%s to %s, rank 0 to %s: using rank 0's", env.rank, config.resume,
                     resume_from, agreed)
-        resume_from = Path(agreed) if agreed is not None else None
+        resume_from = agreed
         with bad_input("resume"):
             saved_state = checkpoint.read_state(resume_from) if resume_from is not None else None
     if saved_state is not None and saved_state.get("universal"):
@@ -276,12 +277,12 @@ def pretrain(config: RunConfig) -> int:
     state = TrainState()
     if resume_from is not None:
         group_names = [group["name"] for group in engine.optimizer.param_groups]
-        saved = checkpoint.load(engine, resume_from)
+        checkpoint.load(engine, resume_from)
         restore_group_names(engine.optimizer, group_names)
-        state = TrainState(step=saved["step"], nonfinite_in_a_row=saved.get("nonfinite_in_a_row", 0),
-                           skipped_steps=saved.get("skipped_steps", 0), loader=saved["loader"])
+        state = TrainState(step=saved_state["step"], nonfinite_in_a_row=saved_state.get("nonfinite_in_a_row", 0),
+                           skipped_steps=saved_state.get("skipped_steps", 0), loader=saved_state["loader"])
         log.info("resumed from %s at step %d (saved with world size %d)", resume_from, state.step,
-                 saved.get("world_size", -1))
+                 saved_state.get("world_size", -1))
         if config.resume != "auto" and env.is_main:
             moved = checkpoint.set_aside_newer(checkpoint.checkpoint_root(output_dir), state.step)
             if moved is not None:

@@ -72,8 +72,8 @@ def _keep_mask(seed, zh, offs_m, offs_n, rng_len, dropout_p):
     # Philox on two 32-bit counters: (i * Lr + j, sequence * heads + head). Unique for any
     # B*H*L*L (which overflows int32 at long L) without [M, N] int64 tensors in registers.
     within = (offs_m[:, None] * rng_len + offs_n[None, :]).to(tl.uint32)
-    which = (within * 0 + zh).to(tl.uint32)
     zero = within * 0
+    which = (zero + zh).to(tl.uint32)
     bits, _, _, _ = tl.random.philox(seed, within, which, zero, zero)
     return tl.random.uint_to_uniform_float(bits) >= dropout_p
 

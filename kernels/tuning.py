@@ -55,6 +55,14 @@ INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stage
 # Chosen from `python -m kernels.compile_report` (sm_90, ptxas -v): band tiles hold two
 # [tile, BAND] fp32 products and the backward also dS and its slot reduction, so at
 # 16-bit D<=64 these spill nothing or a few bytes, while 4-warp 64x64 tiles spill 0.7-5 KB.
+
+# Operands twice as wide (head dim 128, or fp32 with exact ieee dots): the smallest tiles that
+# still use the tensor cores.
+_SMALL_TILES = (
+    KernelConfig(32, 32, 8, 1),
+    KernelConfig(32, 16, 4, 1),
+    KernelConfig(16, 32, 4, 1),
+)
 _CANDIDATES: dict[tuple[str, str], tuple[KernelConfig, ...]] = {
     ("forward", "half"): (
         KernelConfig(64, 32, 8, 2),
@@ -70,28 +78,15 @@ _CANDIDATES: dict[tuple[str, str], tuple[KernelConfig, ...]] = {
         KernelConfig(64, 64, 8, 1),
         KernelConfig(32, 32, 4, 1),
     ),
-    # Head dim 128 doubles the operand tiles: 8 warps and 32-wide tiles.
+    # Head dim 128's forward still has room for a second stage and 64-wide tiles.
     ("forward", "half-d128"): (
         KernelConfig(32, 32, 8, 2),
         KernelConfig(32, 64, 8, 2),
         KernelConfig(64, 32, 8, 1),
     ),
-    ("backward", "half-d128"): (
-        KernelConfig(32, 32, 8, 1),
-        KernelConfig(32, 16, 4, 1),
-        KernelConfig(16, 32, 4, 1),
-    ),
-    # fp32 operands (exact ieee dots): the smallest tiles that still use the tensor cores.
-    ("forward", "fp32"): (
-        KernelConfig(32, 32, 8, 1),
-        KernelConfig(32, 16, 4, 1),
-        KernelConfig(16, 32, 4, 1),
-    ),
-    ("backward", "fp32"): (
-        KernelConfig(32, 32, 8, 1),
-        KernelConfig(16, 32, 4, 1),
-        KernelConfig(32, 16, 4, 1),
-    ),
+    ("backward", "half-d128"): _SMALL_TILES,
+    ("forward", "fp32"): _SMALL_TILES,
+    ("backward", "fp32"): _SMALL_TILES,
 }
 
 
