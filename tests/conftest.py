@@ -13,11 +13,12 @@ import pytest
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# Tools of this environment first (DeepSpeed's op builds use `ninja` from PATH; a second ninja on
-# the machine would make every switch between them rebuild the op).
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from engine.distributed import prefer_environment_tools  # noqa: E402 (after the settings above)
+
+prefer_environment_tools()  # this environment's ninja for DeepSpeed's op builds, in subprocesses too
 
 REPO = Path(__file__).resolve().parent.parent
 
