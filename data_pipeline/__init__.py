@@ -8,7 +8,7 @@ Public API (imported lazily, so ``from data_pipeline.cli import register`` stays
     PrepareConfig, prepare, merge                      # data_pipeline.prepare
     load_manifest, verify_dataset, Manifest            # data_pipeline.shards
     SentencePieceTokenizer                             # data_pipeline.tokenizer
-    DataPipelineError and its subclasses               # data_pipeline.errors
+    InputError, DataPipelineError and its subclasses   # data_pipeline.errors
 
 This package never imports ``engine`` or ``kernels``.
 """
@@ -35,6 +35,7 @@ _EXPORTS = {
     "SentencePieceTokenizer": "data_pipeline.tokenizer",
     "TokenizerTrainingConfig": "data_pipeline.tokenizer",
     "ReaderConfig": "data_pipeline.corpus",
+    "InputError": "data_pipeline.errors",
     "DataPipelineError": "data_pipeline.errors",
     "ConfigError": "data_pipeline.errors",
     "CorpusError": "data_pipeline.errors",

@@ -2,8 +2,8 @@
 parts into one dataset (``merge``), integrity (``verify``) and contents (``stats``).
 
 ``register(subparsers)`` adds the ``data`` command to the ``dv3`` parser; every subcommand's
-``func`` returns an exit status and turns a :class:`DataPipelineError` into a one-line message and
-status 2. ``python -m data_pipeline.cli data ...`` runs the same commands without the engine.
+``func`` returns an exit status and turns an :class:`InputError` (every data pipeline error is one)
+into a one-line message and status 2. ``python -m data_pipeline.cli data ...`` runs the same commands without the engine.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from data_pipeline.errors import DataPipelineError
+from data_pipeline.errors import InputError
 
 _PREPARE_EPILOG = textwrap.dedent(
     """\
@@ -240,13 +240,13 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
 
 
 def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Run ``command``; a pipeline error becomes one line on stderr and exit status 2."""
+    """Run ``command``; bad input becomes one line on stderr and exit status 2."""
 
     def run(args: argparse.Namespace) -> int:
         _configure_logging()
         try:
             return command(args)
-        except DataPipelineError as error:
+        except InputError as error:
             name = getattr(args, "data_command", None) or "data"
             print(f"dv3 data {name}: error: {error}", file=sys.stderr)
             return 2

@@ -1,14 +1,20 @@
 """Errors of the data pipeline: each says what is wrong, where, and what to do about it.
 
-The CLI prints ``str(error)`` on one line and exits with status 2; library users catch
-``DataPipelineError`` (or one of its subclasses) to handle any of them.
+``InputError`` is the root of every error a user can fix by changing what they gave dv3 (a file,
+a directory, a setting); the ``dv3`` command prints ``str(error)`` on one line and exits with
+status 2. The engine's own input errors derive from it too. Library users catch
+``DataPipelineError`` (or one of its subclasses) for the data pipeline's, ``InputError`` for all.
 """
 
 from __future__ import annotations
 
 
-class DataPipelineError(Exception):
-    """Base class: a problem with the data, its files or the pipeline's settings."""
+class InputError(Exception):
+    """Bad input a user can fix; the dv3 command prints its message on one line and exits 2."""
+
+
+class DataPipelineError(InputError):
+    """A problem with the data, its files or the pipeline's settings."""
 
 
 class ConfigError(DataPipelineError, ValueError):

@@ -19,8 +19,16 @@ import pytest
 
 import data_pipeline.shards as shards_module
 from data_pipeline import PretrainLoader
+from data_pipeline import errors as errors_module
 from data_pipeline.cli import main as cli_main
-from data_pipeline.errors import ConfigError, CorpusError, DataPipelineError, ManifestError, TokenizerError
+from data_pipeline.errors import (
+    ConfigError,
+    CorpusError,
+    DataPipelineError,
+    InputError,
+    ManifestError,
+    TokenizerError,
+)
 from data_pipeline.prepare import merge
 from data_pipeline.shards import load_manifest, verify_dataset
 from data_pipeline.tokenizer import CLS_ID, PAD_ID, SEP_ID, SentencePieceTokenizer
@@ -480,6 +488,15 @@ def test_cli_help_and_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-2] == f"dv3 data prepare: error: input {str(tmp_path / 'missing.txt')!r} does not exist"
     assert err[-1] == "dv3 data prepare: error: seq_len must be in [8, 65536], got 4"
+
+
+def test_every_data_pipeline_error_is_an_input_error() -> None:
+    classes = [c for c in vars(errors_module).values() if isinstance(c, type) and issubclass(c, Exception)]
+    assert {c.__name__ for c in classes} >= {"InputError", "DataPipelineError", "ConfigError", "ShardError"}
+    for error_class in classes:
+        assert issubclass(error_class, InputError), error_class
+    assert InputError.__bases__ == (Exception,)
+    assert issubclass(ConfigError, DataPipelineError) and issubclass(ConfigError, ValueError)
 
 
 @pytest.mark.slow
