@@ -1,12 +1,40 @@
-"""Installation of dv3: the packages ``engine``, ``kernels``, ``data_pipeline`` and the ``dv3`` command."""
+"""Installation of dv3: the packages ``engine``, ``kernels``, ``data_pipeline`` and the ``dv3`` command.
+
+``ds_configs/``, ``configs/`` and ``slurm/`` live at the top of the checkout. A wheel carries a
+copy of them inside the ``engine`` package (``engine/bundled/``, written by ``build_py`` below),
+so that ``pip install .`` into a shared environment or a container gives a ``dv3`` that finds
+them; an editable install reads them from the checkout (``engine.resources``).
+"""
 
 import re
+import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "engine" / "__init__.py").read_text()).group(1)
+RESOURCE_FOLDERS = ("ds_configs", "configs", "slurm")  # engine.resources.RESOURCE_FOLDERS
+
+
+class BuildWithResources(build_py):
+    """The usual build, plus the resource folders copied to ``engine/bundled/`` in the build."""
+
+    def run(self) -> None:
+        super().run()
+        if self.editable_mode:  # an editable install reads them from the checkout
+            return
+        bundled = Path(self.build_lib) / "engine" / "bundled"
+        for name in RESOURCE_FOLDERS:
+            target = bundled / name
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(ROOT / name, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            for script in target.rglob("*.s*"):  # keep the templates executable
+                if script.suffix in (".sh", ".sbatch"):
+                    script.chmod(0o755)
+
 
 setup(
     name="dv3",
@@ -16,8 +44,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "data_pipeline", "data_pipeline.*"]),
-    # Install editable (`pip install -e .`): ds_configs/, slurm/ and configs/ are read from the
-    # checkout (engine.run_config.resolve_repo_path), not shipped inside the packages.
+    cmdclass={"build_py": BuildWithResources},
     # torch is not pinned: a GPU cluster keeps the build it has. `make test` pins the CPU build
     # for the CPU development machine (scripts/bootstrap.sh).
     install_requires=[

@@ -28,7 +28,7 @@ else
 fi
 
 echo "== 2/4 pretrain: tiny, $STEPS steps, $RANKS ranks, ZeRO-3 -> $RUN"
-port=$("$PY" -c "from engine.distributed import free_port; print(free_port())")
+port=$("$PY" -c "from engine.train.distributed import free_port; print(free_port())")
 "$PY" -m torch.distributed.run --nproc_per_node "$RANKS" --master_port "$port" -m engine.cli pretrain \
   --config configs/tiny_cpu.yaml --output-dir "$RUN" --data.dirs "$DATA" --train.steps "$STEPS" --resume auto
 

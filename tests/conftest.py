@@ -1,6 +1,7 @@
 """Test-wide settings (before triton or deepspeed is imported) and shared fixtures."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,11 +17,11 @@ if shutil.which("nvidia-smi") is None:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from engine.distributed import prefer_environment_tools  # noqa: E402 (after the settings above)
+from engine.train.distributed import prefer_environment_tools  # noqa: E402 (after the settings above)
+from tests.support import REPO  # noqa: E402
+from tests.support.slurm import LOCAL_SLURM, daemon_pids, process_alive  # noqa: E402
 
 prefer_environment_tools()  # this environment's ninja for DeepSpeed's op builds, in subprocesses too
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +36,32 @@ def tiny_dataset(tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return output
+
+
+@pytest.fixture(scope="session")
+def slurm_env(tmp_path_factory) -> dict[str, str]:
+    """The environment for talking to the local two-node SLURM cluster (SLURM_CONF set).
+
+    Started once per session (root only, as in CI) and stopped afterwards, leaving nothing
+    running; a cluster that was already up is used and left up.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (slurmd, munged)")
+    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
+        pytest.skip("no SLURM and no apt-get to install it")
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "DV3_SLURM_DIR": os.environ.get("DV3_SLURM_DIR", "/tmp/dv3-slurm")}
+    was_up = subprocess.run([str(LOCAL_SLURM), "status"], env=env, capture_output=True).returncode == 0
+    started = subprocess.run([str(LOCAL_SLURM), "start"], env=env, capture_output=True, text=True, timeout=600)
+    assert started.returncode == 0, started.stdout + started.stderr
+    match = re.search(r"^export SLURM_CONF=(\S+)$", started.stdout, re.M)
+    assert match, started.stdout
+    env["SLURM_CONF"] = match.group(1)
+    env["DV3_RUNS_ROOT"] = str(state / "runs")
+    yield env
+    if not was_up:
+        pids = daemon_pids(Path(env["DV3_SLURM_DIR"]))
+        stopped = subprocess.run([str(LOCAL_SLURM), "stop"], env=env, capture_output=True, text=True, timeout=180)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        alive = [pid for pid in pids if process_alive(pid)]
+        assert not alive, f"daemons still running after stop: {alive}"

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from engine import checkpoint
-from tests.engine_runs import REPO, run_env
+from engine.train import checkpoint
+from tests.support.runs import REPO, run_env
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -107,7 +107,7 @@ def test_report_tables_have_every_cell(ablation):
 
 
 def test_es_generator_and_discriminator_share_one_embedding(ablation):
-    from engine.export import load_rtd_model
+    from engine.train.export import load_rtd_model
 
     es = evaluation(ablation, "es")["embedding"]
     assert es["shared_embedding"] is True
@@ -128,7 +128,7 @@ def test_gdes_delta_starts_at_zero_and_moves(ablation):
     final = evaluation(ablation, "gdes")["embedding"]
     assert final["norms"]["E_Delta"] > 0.0 and final["similarity"]["E_Delta"] != 0.0
     assert final["similarity"]["E_D"] != final["similarity"]["E_G"]
-    from engine.export import load_rtd_model
+    from engine.train.export import load_rtd_model
 
     model, _ = load_rtd_model(checkpoint.latest_complete(checkpoint.checkpoint_root(ablation / "runs" / "gdes")))
     delta = model.embedding_parameters()["E_Delta"]

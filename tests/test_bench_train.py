@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.engine_runs import REPO, run_env
+from tests.support.runs import REPO, run_env
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from engine import checkpoint
+from engine.train import checkpoint
 
 
 def fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:

@@ -1,6 +1,6 @@
 """Rank discovery under each launcher, from the environment alone."""
 
-from engine.distributed import DistributedEnv, discover, slurm_master_port
+from engine.train.distributed import DistributedEnv, discover, slurm_master_port
 
 
 def test_torchrun_and_deepspeed_variables_win():

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from engine import checkpoint
-from tests.engine_runs import (
+from engine.train import checkpoint
+from tests.support.runs import (
     REPO,
     kill_tree,
     run_env,
@@ -120,7 +120,7 @@ def test_sigusr1_checkpoints_at_the_next_step_and_exits_for_requeue(tiny_dataset
 def test_export_round_trip_matches_our_discriminator(uninterrupted, tmp_path):
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
-    from engine.export import load_rtd_model
+    from engine.train.export import load_rtd_model
 
     hf_dir, gen_dir = tmp_path / "hf", tmp_path / "hf_generator"
     result = subprocess.run([sys.executable, "-m", "engine.cli", "export", "--checkpoint", str(uninterrupted),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.workers.zero3_common import build_model, rank_batch
+from tests.support.models import build_model, rank_batch
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModel, DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Model
 
-from engine.hf_io import (
+from engine.model.hf_io import (
     encoder_config_from_hf,
     load_hf_discriminator,
     load_hf_encoder,
@@ -14,7 +14,7 @@ from engine.hf_io import (
     save_hf_encoder,
     save_hf_generator,
 )
-from engine.rtd import MaskedLMModel
+from engine.model.rtd import MaskedLMModel
 
 # (hidden, heads, layers, position_buckets, max_relative_positions, length): widths and head
 # counts vary; buckets 256 (the v3 value, exact region up to 128) and small ones, so that the
@@ -187,8 +187,8 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
 def test_every_accepted_activation_is_the_one_transformers_applies(activation):
     from transformers.activations import ACT2FN
 
-    from engine.config import SUPPORTED_ACTIVATIONS
-    from engine.model import ACTIVATIONS
+    from engine.config.encoder import SUPPORTED_ACTIVATIONS
+    from engine.model.encoder import ACTIVATIONS
 
     assert set(ACTIVATIONS) == set(SUPPORTED_ACTIVATIONS)  # the config accepts exactly what the model builds
     x = torch.linspace(-6, 6, 101)

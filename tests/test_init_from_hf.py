@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from engine.hf_io import save_hf_encoder, save_hf_generator
-from engine.init_from_hf import initialize_from_hf
-from tests.workers.zero3_common import build_model
+from engine.model.hf_io import save_hf_encoder, save_hf_generator
+from engine.model.init_from_hf import initialize_from_hf
+from tests.support.models import build_model
 
 
 def perturbed(model, seed):
@@ -46,8 +46,8 @@ def test_without_a_generator_its_embedding_starts_as_the_discriminators(tmp_path
 
 
 def test_a_vocabulary_that_does_not_fit_is_refused(tmp_path):
-    from engine.config import EncoderConfig
-    from engine.model import DebertaV3Model
+    from engine.config.encoder import EncoderConfig
+    from engine.model.encoder import DebertaV3Model
 
     config = EncoderConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=64, position_buckets=8, max_relative_positions=32)

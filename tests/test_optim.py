@@ -2,9 +2,9 @@
 
 import torch
 
-from engine.optim import WarmupLinearSchedule, apply_group_settings, build_param_groups, group_settings
-from engine.run_config import OptimSection
-from tests.workers.zero3_common import build_model
+from engine.config import OptimSection
+from engine.train.optim import WarmupLinearSchedule, apply_group_settings, build_param_groups, group_settings
+from tests.support.models import build_model
 
 
 def names_by_group(groups):

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from data_pipeline.masking import IGNORE_INDEX
-from engine.config import EncoderConfig, preset_config
-from engine.rtd import GradientDisentangledEmbedding, RTDConfig, RTDModel, replace_tokens
+from engine.config import RTDConfig
+from engine.config.encoder import EncoderConfig, preset_config
+from engine.model.rtd import GradientDisentangledEmbedding, RTDModel, replace_tokens
 
 VOCAB = 211
 
@@ -191,7 +192,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="unknown model preset"):
         preset_config("huge")
     with pytest.raises(ValueError, match="mask_token_id"):
-        RTDModel(small_config(), RTDConfig(mask_token_id=VOCAB))
+        RTDModel(small_config(), RTDConfig(), mask_token_id=VOCAB)
 
 
 def test_presets_have_the_paper_sizes():

@@ -8,15 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.run_config import (
-    ConfigError,
-    RunConfig,
-    add_config_flags,
-    build_run_config,
-    overrides_from_args,
-    read_config_file,
-)
-from engine.trainer import build_deepspeed_config
+from engine.config import RunConfig, add_config_flags, build_run_config, overrides_from_args
+from engine.config.loading import read_config_file
+from engine.errors import ConfigError
 
 
 def parse_flags(argv: list[str]) -> dict:
@@ -69,9 +63,8 @@ def test_bad_values_are_refused_naming_the_field(data, message):
     ({"model.max_position_embeddings": 100}, "model.max_position_embeddings=100"),
 ])
 def test_validation_names_the_field(overrides, message):
-    config = build_run_config({"train": {"deepspeed_config": "ds_configs/cpu.json"}}, overrides)
-    with pytest.raises(ConfigError, match=message):
-        config.validate()
+    with pytest.raises(ConfigError, match=message):  # a RunConfig is validated as it is built
+        build_run_config({"train": {"deepspeed_config": "ds_configs/cpu.json"}}, overrides)
 
 
 def test_global_batch_must_split_over_the_world():
@@ -91,7 +84,7 @@ def test_unparseable_config_file_names_the_file(tmp_path):
 def test_deepspeed_config_gets_dv3_settings_and_refuses_disagreement(tmp_path):
     config = build_run_config({}, {"train.global_batch": 16, "train.micro_batch": 4,
                                    "train.deepspeed_config": "ds_configs/cpu.json"})
-    ds = build_deepspeed_config(config, accumulation=2)
+    ds = config.deepspeed_config(world_size=2, cuda_available=False)  # 16 = 4 x 2 ranks x 2 accumulated
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 1.0
     assert ds["optimizer"]["params"]["betas"] == [0.9, 0.98] and ds["optimizer"]["params"]["torch_adam"] is True
@@ -101,7 +94,7 @@ def test_deepspeed_config_gets_dv3_settings_and_refuses_disagreement(tmp_path):
     config = build_run_config({}, {"train.global_batch": 16, "train.micro_batch": 4,
                                    "train.deepspeed_config": str(conflicting)})
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 disagrees"):
-        build_deepspeed_config(config, accumulation=2)
+        config.deepspeed_config(world_size=2, cuda_available=False)
 
 
 def test_every_field_has_a_flag():

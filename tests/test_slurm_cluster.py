@@ -1,10 +1,9 @@
 """On a real SLURM cluster: two virtual nodes on this machine (scripts/local_slurm.sh).
 
-The fixture starts the cluster (root only, as in CI) and stops it afterwards, leaving nothing
-running; a cluster that was already up is used and left up. The jobs here run the real srun
-launch path of the templates (slurm/srun_task.sh) with a real torch.distributed rendezvous; the
-pretrain template itself is exercised end to end with `dv3 pretrain` in test_slurm_pretrain.py,
-which uses this module's cluster fixture.
+The `slurm_env` fixture (conftest.py) starts the cluster once per session (root only, as in CI)
+and stops it afterwards. The jobs here run the real srun launch path of the templates
+(slurm/srun_task.sh) with a real torch.distributed rendezvous; the pretrain template itself is
+exercised end to end with `dv3 pretrain` in test_slurm_pretrain.py.
 """
 
 from __future__ import annotations
@@ -17,74 +16,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from engine.slurm_submit import REPO_ROOT
+from tests.support.slurm import DV3, LOCAL_SLURM, SRUN_TASK, slurm, wait_for_job
 
 pytestmark = pytest.mark.slow
-
-LOCAL_SLURM = REPO_ROOT / "scripts" / "local_slurm.sh"
-SRUN_TASK = REPO_ROOT / "slurm" / "srun_task.sh"
-# The installed console script, as users run it.
-DV3 = [str(Path(sys.executable).with_name("dv3"))]
-
-
-@pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory) -> dict[str, str]:
-    """The environment for talking to the local cluster (SLURM_CONF set)."""
-    if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster needs root (slurmd, munged)")
-    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
-        pytest.skip("no SLURM and no apt-get to install it")
-    state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "DV3_SLURM_DIR": os.environ.get("DV3_SLURM_DIR", "/tmp/dv3-slurm")}
-    was_up = subprocess.run([str(LOCAL_SLURM), "status"], env=env, capture_output=True).returncode == 0
-    started = subprocess.run([str(LOCAL_SLURM), "start"], env=env, capture_output=True, text=True, timeout=600)
-    assert started.returncode == 0, started.stdout + started.stderr
-    match = re.search(r"^export SLURM_CONF=(\S+)$", started.stdout, re.M)
-    assert match, started.stdout
-    env["SLURM_CONF"] = match.group(1)
-    env["DV3_RUNS_ROOT"] = str(state / "runs")
-    yield env
-    if not was_up:
-        pids = _daemon_pids(Path(env["DV3_SLURM_DIR"]))
-        stopped = subprocess.run([str(LOCAL_SLURM), "stop"], env=env, capture_output=True, text=True, timeout=180)
-        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-        alive = [pid for pid in pids if _alive(pid)]
-        assert not alive, f"daemons still running after stop: {alive}"
-
-
-def _daemon_pids(folder: Path) -> list[int]:
-    return [int(p.read_text()) for p in (folder / "run").glob("*.pid") if p.read_text().strip().isdigit()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def slurm(env: dict[str, str], *cmd: str, timeout: float = 60) -> str:
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(cmd)}: {result.stderr}"
-    return result.stdout
-
-
-def wait_for_job(env: dict[str, str], job_id: str, timeout: float = 180) -> dict[str, str]:
-    """Poll until the job has finished; returns `scontrol show job` as a dict."""
-    deadline = time.monotonic() + timeout
-    while True:
-        fields = dict(re.findall(r"(\w+)=(\S*)", slurm(env, "scontrol", "show", "job", job_id)))
-        if fields["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            return fields
-        assert time.monotonic() < deadline, f"job {job_id} still {fields['JobState']} after {timeout}s"
-        time.sleep(0.5)
-
 
 def test_start_is_idempotent_and_both_virtual_nodes_are_idle(slurm_env):
     again = subprocess.run([str(LOCAL_SLURM), "start"], env=slurm_env, capture_output=True, text=True, timeout=60)

@@ -29,13 +29,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import checkpoint
-from engine.slurm_submit import REPO_ROOT
-from tests import test_slurm_cluster as cluster
-from tests.engine_runs import step_losses
-from tests.test_slurm_cluster import DV3, SRUN_TASK, slurm, wait_for_job
-
-slurm_env = cluster.slurm_env  # the local cluster, started and stopped once for this module
+from engine.train import checkpoint
+from tests.support import REPO
+from tests.support.runs import step_losses
+from tests.support.slurm import DV3, SRUN_TASK, slurm, wait_for_job
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +49,7 @@ OP_CACHE = {"TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensio
 
 
 def pretrain_args(dataset: Path) -> list[str]:
-    return ["--config", str(REPO_ROOT / "configs" / "tiny_cpu.yaml"), "--data.dirs", str(dataset),
+    return ["--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--data.dirs", str(dataset),
             "--train.steps", str(STEPS), "--checkpoint.interval", str(CHECKPOINT_INTERVAL),
             "--log.interval", "1", "--log.progress-bar", "false"]  # fmt: skip
 
@@ -228,7 +225,7 @@ def mpi_env() -> dict[str, str]:
         OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
         DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1",
-        PYTHONPATH=str(REPO_ROOT),
+        PYTHONPATH=str(REPO),
         **OP_CACHE,
     )
     return env
@@ -285,7 +282,7 @@ MPI_RENDEZVOUS = textwrap.dedent(
     """
     import json, os, sys
     import torch, torch.distributed as dist
-    from engine.distributed import discover, export_rendezvous
+    from engine.train.distributed import discover, export_rendezvous
     env = discover()
     export_rendezvous(env)
     dist.init_process_group("gloo")
@@ -335,7 +332,7 @@ PMIX_TASK = textwrap.dedent(
     import json, os, sys
     from mpi4py import MPI
     import torch, torch.distributed as dist
-    from engine.distributed import discover
+    from engine.train.distributed import discover
     comm = MPI.COMM_WORLD
     mpi_sum = comm.allreduce(comm.Get_rank() + 1)
     dist.init_process_group("gloo")
@@ -360,7 +357,7 @@ def test_srun_mpi_pmix_starts_mpi_ranks_on_both_virtual_nodes(slurm_env, tmp_pat
     script.write_text(PMIX_TASK)
     results = tmp_path / "results"
     results.mkdir()
-    env = {**slurm_env, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**slurm_env, "PYTHONPATH": str(REPO)}
     result = run_group(
         ["srun", "--mpi=pmix", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=3",
          "--job-name=dv3-pmix", str(SRUN_TASK), sys.executable, str(script), str(results)],

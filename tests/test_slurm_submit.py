@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from engine import cli
-from engine.slurm_submit import REPO_ROOT, SubmitError, build_plan, check_time, render_dry_run
+from engine.cli.slurm_submit import SubmitError, build_plan, check_time, render_dry_run
+from tests.support import REPO
 
-SLURM_DIR = REPO_ROOT / "slurm"
+SLURM_DIR = REPO / "slurm"
 SHELL_FILES = (
-    sorted(SLURM_DIR.glob("*.sbatch")) + sorted(SLURM_DIR.glob("*.sh")) + [REPO_ROOT / "scripts/local_slurm.sh"]
+    sorted(SLURM_DIR.glob("*.sbatch")) + sorted(SLURM_DIR.glob("*.sh")) + [REPO / "scripts/local_slurm.sh"]
 )
 
 
@@ -72,7 +73,7 @@ def test_dry_run_prints_the_exact_sbatch_command_for_a_cpu_pretrain(tmp_path, co
     assert shlex.split(out) == [
         "sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1",
         "--time=0:10:00", "--job-name=dv3-pretrain", f"--output={runs}/slurm-logs/%x-%j.out",
-        f"--export=ALL,DV3_HOME={REPO_ROOT},DV3_RUNS_ROOT={runs}",
+        f"--export=ALL,DV3_HOME={REPO},DV3_RUNS_ROOT={runs}",
         str(SLURM_DIR / "pretrain.sbatch"), "--config", str(config_file.resolve()), "--train.micro-batch", "4",
     ]  # fmt: skip
     assert not runs.exists(), "a dry run creates nothing"
@@ -296,7 +297,7 @@ def test_first_host_of_a_nodelist(nodelist, first):
 def test_cpu_device_mode_selects_deepspeeds_cpu_accelerator(tmp_path):
     out = common_sh(
         "dv3_setup_env; echo $DV3_DEVICE $DS_ACCELERATOR $OMP_NUM_THREADS",
-        DV3_HOME=str(REPO_ROOT), DV3_BIN=sys.executable, SLURM_CPUS_PER_TASK="3",
+        DV3_HOME=str(REPO), DV3_BIN=sys.executable, SLURM_CPUS_PER_TASK="3",
     )  # fmt: skip
     assert out == "cpu cpu 3"
 

@@ -12,9 +12,9 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_grad
 
-from engine.optim import build_param_groups
-from engine.run_config import OptimSection
-from tests.workers.zero3_common import build_model, rank_batch
+from engine.config import OptimSection
+from engine.train.optim import build_param_groups
+from tests.support.models import build_model, rank_batch
 
 out_dir, sharing = Path(sys.argv[1]), sys.argv[2]
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -40,4 +40,4 @@ engine.backward(output.loss)
 gradients = {name: safe_get_full_grad(parameter).clone() for name, parameter in model.embedding_parameters().items()}
 torch.save({"gradients": gradients, "loss": output.loss.detach()}, out_dir / f"rank{rank}.pt")
 torch.distributed.barrier()
-torch.distributed.destroy_process_group()  # a clean exit: see engine.distributed.shutdown
+torch.distributed.destroy_process_group()  # a clean exit: see engine.train.distributed.shutdown

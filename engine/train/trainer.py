@@ -1,0 +1,155 @@
+"""A run's pieces, built once from the run configuration: the setup shared by every training job.
+
+    world size check -> DeepSpeed config -> resume point (agreed by all ranks) -> process group
+    -> data (the saved loader position checked against it) -> run_config.json -> model
+    -> ZeRO-3 wiring, named optimizer groups, DeepSpeed engine -> resume
+
+Everything that can be refused (a setting, the data, the checkpoint, a model folder) is
+refused before the run directory is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import RunConfig
+from engine.errors import CheckpointError, ConfigError, InputError
+from engine.model import RTDModel
+from engine.model.init_from_hf import initialize_from_hf
+from engine.train import checkpoint, distributed
+from engine.train.checkpoint import CheckpointInfo, TrainState
+from engine.train.data import TrainingData, open_training_data
+from engine.train.distributed import DistributedEnv
+from engine.train.logger import setup_logging
+from engine.train.parallel import ParallelModel, parallelize
+from engine.train.preemption import StopRequest
+from engine.train.step import seed_step
+
+log = logging.getLogger("dv3")
+
+
+@contextlib.contextmanager
+def input_context(what: str, error_class: type[InputError] = ConfigError):
+    """Report a failure to read a user's file (a checkpoint, a HF folder, the loader state) as an
+    input error naming ``what``: ``dv3 pretrain`` prints one line and exits 2."""
+    try:
+        yield
+    except (ValueError, OSError, InputError) as error:
+        raise error_class(f"{what}: {error}") from error
+
+
+def build_model(config: RunConfig, data: TrainingData) -> RTDModel:
+    """The RTD model for the data's vocabulary; identical initial weights on every rank."""
+    seed_step(config.train.seed, 0, 0)
+    model = RTDModel(config.encoder_config(data.vocab_size), config.rtd, data.mask_token_id)
+    if config.model.init_from:
+        with input_context("model.init_from"):
+            initialize_from_hf(model, config.model.init_from, config.model.init_generator_from)
+    return model
+
+
+def resolve_resume(config: RunConfig, env: DistributedEnv) -> tuple[Path | None, CheckpointInfo | None]:
+    """The checkpoint to resume from (None: start fresh) and what it holds, checked against this world."""
+    if config.resume == "none":
+        return None, None
+    with input_context("resume", CheckpointError):
+        path = checkpoint.resolve_resume(config.resume, config.output_dir)
+        info = CheckpointInfo.read(path) if path is not None else None
+    if (info is not None and not info.universal and info.zero_stage > 0
+            and info.world_size not in (-1, env.world_size)):
+        raise CheckpointError(f"resume: {path} was saved by {info.world_size} ranks under ZeRO stage "
+                              f"{info.zero_stage}; to resume on {env.world_size}, convert it first: "
+                              f"dv3 ckpt universal --checkpoint {path}")
+    return path, info
+
+
+@dataclass
+class Trainer:
+    """Everything a run is made of. ``build`` makes it; ``engine.train.loop`` drives it."""
+
+    config: RunConfig
+    env: DistributedEnv
+    accumulation: int
+    data: TrainingData
+    parallel: ParallelModel
+    state: TrainState
+    resumed_from: Path | None
+    stop: StopRequest
+
+    @classmethod
+    def build(cls, config: RunConfig) -> Trainer:
+        env = distributed.discover()
+        accumulation = config.gradient_accumulation_steps(env.world_size)  # before any process group
+        ds_config = config.deepspeed_config(env.world_size, torch.cuda.is_available())
+        resume_from, saved = resolve_resume(config, env)
+
+        setup_logging(env.rank)
+        distributed.init_process_group(env)
+        stop = StopRequest()  # from here on, SIGUSR1/SIGTERM wait for a step boundary
+        stop.install()
+        # Every rank resolved `--resume` on its own; if the folder changed in between (a lingering
+        # process of an earlier job still writing), they could load different steps and then wait
+        # on each other forever. Rank 0's choice is everyone's.
+        agreed = distributed.rank0_value(resume_from)
+        if agreed != resume_from:
+            log.warning("rank %d resolved resume=%s to %s, rank 0 to %s: using rank 0's", env.rank, config.resume,
+                        resume_from, agreed)
+            resume_from = agreed
+            with input_context("resume", CheckpointError):
+                saved = CheckpointInfo.read(resume_from) if resume_from is not None else None
+        if saved is not None and saved.universal:
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+
+        data = open_training_data(config, rank=env.rank, world_size=env.world_size)
+        log.info("data: %s", data.describe())
+        if saved is not None:  # refuse other data or another seed now, before any model is built
+            with input_context(f"resume from {resume_from}: the data loader's state (resume with the run's own "
+                               "data and train.seed, or start a new run)"):
+                data.loader.load_state_dict(saved.state.loader)
+        output_dir = Path(config.output_dir)
+        if env.is_main:  # only once the data and the resume point are known good: a refused run changes nothing
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+        model = build_model(config, data)
+        parallel = parallelize(model, config, ds_config)
+        log.info("model: %s discriminator %d layers, generator %d layers, %.1fM parameters; sharing=%s; "
+                 "ZeRO stage %d; %d rank(s) x micro-batch %d x accumulation %d = global batch %d",
+                 config.model.init_from or config.model.preset, model.config.num_hidden_layers,
+                 model.generator_config.num_hidden_layers,
+                 sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,
+                 config.rtd.sharing, parallel.stage, env.world_size, config.train.micro_batch, accumulation,
+                 config.train.global_batch)
+
+        state = TrainState()
+        if resume_from is not None:
+            group_names = [group["name"] for group in parallel.engine.optimizer.param_groups]
+            checkpoint.load(parallel.engine, resume_from)
+            state = saved.state
+            parallel.restore_after_load(group_names, state.step)
+            log.info("resumed from %s at step %d (saved with world size %d)", resume_from, state.step,
+                     saved.world_size)
+            if config.resume != "auto" and env.is_main:
+                moved = checkpoint.set_aside_newer(checkpoint.checkpoint_root(output_dir), state.step)
+                if moved is not None:
+                    log.warning("checkpoints after step %d belong to the continuation abandoned by this resume: "
+                                "moved to %s", state.step, moved)
+            distributed.barrier()
+        return cls(config=config, env=env, accumulation=accumulation, data=data, parallel=parallel, state=state,
+                   resumed_from=resume_from, stop=stop)
+
+    def save_checkpoint(self) -> Path:
+        """Collective: every rank writes its part; rank 0 marks it complete and prunes."""
+        info = CheckpointInfo(state=self.state, model=self.parallel.model.describe(),
+                              tokenizer=str(self.data.tokenizer_path), world_size=self.env.world_size,
+                              zero_stage=self.parallel.stage, config=self.config.to_dict())
+        path = checkpoint.save(self.parallel.engine, self.config.output_dir, info, self.config.checkpoint.keep,
+                               self.env.rank)
+        log.info("checkpoint %s written", path)
+        return path
