@@ -9,8 +9,10 @@ into a one-line message and status 2. ``python -m data_pipeline.cli data ...`` r
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -247,11 +249,20 @@ def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
         try:
             return command(args)
         except InputError as error:
-            name = getattr(args, "data_command", None) or "data"
-            print(f"dv3 data {name}: error: {error}", file=sys.stderr)
+            print(f"dv3 data {_name(args)}: error: {error}", file=sys.stderr)
+            return 2
+        except OSError as error:  # what the commands did not name themselves: still one line, naming the file
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            full = "no space left: " if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
+            where = f"{error.filename}: " if error.filename else ""
+            print(f"dv3 data {_name(args)}: error: {full}{where}{reason}", file=sys.stderr)
             return 2
 
     return run
+
+
+def _name(args: argparse.Namespace) -> str:
+    return getattr(args, "data_command", None) or "data"
 
 
 def _configure_logging() -> None:
