@@ -83,7 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="use this SentencePiece model (e.g. DeBERTa-v3's spm.model) instead of training one",
     )
     _add_training_arguments(prepare)
-    prepare.add_argument("--seq-len", type=int, default=512, help="tokens per row, [CLS] and [SEP] included")
+    prepare.add_argument(
+        "--seq-len", type=int, default=512, help="tokens per row, [CLS] and [SEP] included (8 to 65536)"
+    )
     prepare.add_argument(
         "--packing",
         choices=["stream", "document"],
@@ -98,8 +100,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="share of documents held out as validation shards (chosen by a hash of file and document)",
     )
     prepare.add_argument("--split-seed", type=int, default=0, help="seed of the held-out document choice")
-    prepare.add_argument("--rows-per-shard", type=int, default=32768, help="rows per shard file")
-    prepare.add_argument("--record-batch-rows", type=int, default=4096, help="rows per Arrow record batch")
+    prepare.add_argument(
+        "--rows-per-shard", type=int, help="rows per shard file (default: 64 MiB of rows, 32768 at --seq-len 512)"
+    )
+    prepare.add_argument(
+        "--record-batch-rows",
+        type=int,
+        help="rows per Arrow record batch (default: 8 MiB of rows, 4096 at --seq-len 512)",
+    )
     prepare.add_argument(
         "--num-parts",
         type=int,

@@ -85,8 +85,15 @@ _OWN_TOP = re.compile(rf"({re.escape(MANIFEST_NAME)}|{re.escape(TOKENIZER_NAME)}
 _OWN_TOP_TEMPORARY = re.compile(rf"{re.escape(TEMPORARY_PREFIX)}({_OWN_TOP.pattern}|{_WRITE_CHECK})\.\d+")
 _OWN_SHARD = re.compile(r"(train|validation)-.+-p\d{5}-\d{5}\.arrow")
 _OWN_PART = re.compile(r"part-\d{5}-of-\d{5}\.json")
+SHARD_BYTES = 64 << 20  # default shard size
+RECORD_BATCH_BYTES = 8 << 20  # default record batch size
 _ENCODE_BATCH_DOCUMENTS = 1024
 _ENCODE_BATCH_CHARS = 8 << 20
+
+
+def rows_for_bytes(size: int, seq_len: int) -> int:
+    """Rows of ``seq_len`` int32 tokens in about ``size`` bytes (at least one)."""
+    return max(1, size // (4 * seq_len))
 
 
 @dataclass(frozen=True)
@@ -103,8 +110,8 @@ class PrepareConfig:
     packing: str = "stream"
     validation_fraction: float = 0.01  # share of documents held out as split="validation"
     split_seed: int = 0  # which documents are held out is a hash of (split_seed, file key, document index)
-    rows_per_shard: int = 32768
-    record_batch_rows: int = 4096
+    rows_per_shard: int | None = None  # None: 64 MiB of rows (32768 at seq_len 512, 2048 at 8192)
+    record_batch_rows: int | None = None  # None: 8 MiB of rows (4096 at seq_len 512, 256 at 8192)
     num_parts: int = 1
     part: int | None = None  # prepare only this part (a job array task); None = every part, then merge
     num_threads: int = 0  # tokenization threads; 0 = every core this process may use
@@ -124,6 +131,12 @@ class PrepareConfig:
             raise ConfigError(f"packing must be one of {list(PACKINGS)}, got {self.packing!r}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        # Sized in bytes, so long rows do not make huge record batches (the writer buffers one per
+        # language and split) or gigabyte shards.
+        if self.rows_per_shard is None:
+            object.__setattr__(self, "rows_per_shard", rows_for_bytes(SHARD_BYTES, self.seq_len))
+        if self.record_batch_rows is None:
+            object.__setattr__(self, "record_batch_rows", rows_for_bytes(RECORD_BATCH_BYTES, self.seq_len))
         if self.rows_per_shard < 1:
             raise ConfigError(f"rows_per_shard must be positive, got {self.rows_per_shard}")
         if not 1 <= self.record_batch_rows:
