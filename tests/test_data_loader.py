@@ -18,7 +18,7 @@ from data_pipeline.errors import ConfigError, DataPipelineError, ManifestError, 
 from data_pipeline.masking import IGNORE_INDEX, MaskingConfig, mask_batch
 from data_pipeline.sampling import largest_remainder, source_probabilities
 from data_pipeline.shards import load_manifest, verify_dataset
-from tests.test_data_support import (
+from tests.support.data import (
     SEQ_LEN,
     all_rows,
     build_corpus,

@@ -37,7 +37,7 @@ from data_pipeline.errors import (
 from data_pipeline.prepare import merge
 from data_pipeline.shards import load_manifest, verify_dataset
 from data_pipeline.tokenizer import CLS_ID, PAD_ID, SEP_ID, SentencePieceTokenizer
-from tests.test_data_support import (
+from tests.support.data import (
     SEQ_LEN,
     build_corpus,
     build_prepared,
