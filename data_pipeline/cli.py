@@ -354,12 +354,13 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from data_pipeline.prepare import merge
+    from data_pipeline.prepare import merge, skipped_summary
 
     manifest = merge(args.data_dir, verify=not args.no_verify, num_threads=args.threads, progress=not args.no_progress)
+    text_field = manifest.settings.get("reader", {}).get("text_field", "text")
     print(
         f"merged {manifest.num_parts} parts into {args.data_dir / 'manifest.json'}: {manifest.rows} rows, "
-        f"{manifest.tokens} tokens in {len(manifest.shards)} shards"
+        f"{manifest.tokens} tokens in {len(manifest.shards)} shards{skipped_summary(manifest.corpus, text_field)}"
     )
     return 0
 

@@ -417,9 +417,11 @@ def prepare(config: PrepareConfig) -> PrepareResult:
 
     if config.part is not None and config.num_parts > 1:
         done = [p for p in range(config.num_parts) if part_manifest_path(output, p, config.num_parts).exists()]
+        corpus = read_manifest(part_manifest_path(output, config.part, config.num_parts)).corpus
         message = (
             f"part {config.part} of {config.num_parts} is prepared ({len(done)} of {config.num_parts} parts done); "
             f"run `dv3 data merge {output}` once every part has finished"
+            f"{skipped_summary(corpus, config.reader.text_field)}"
         )
         return PrepareResult(output, None, prepared, reused, message)
     manifest = merge(output, verify=False)

@@ -600,6 +600,12 @@ def test_verify_reports_a_shard_file_the_manifest_does_not_list(tmp_path: Path, 
     assert verify_dataset(data).ok
 
 
+def clean_jsonl(directory: Path) -> Path:
+    path = directory / "clean.jsonl"
+    path.write_text(json.dumps({"text": "A clean line about anarchism."}) + "\n", encoding="utf-8")
+    return path
+
+
 def test_prepare_prints_how_many_jsonl_lines_it_skipped(tmp_path: Path, small_tokenizer: Path) -> None:
     corpus = tmp_path / "docs.jsonl"
     lines = [
@@ -619,10 +625,20 @@ def test_prepare_prints_how_many_jsonl_lines_it_skipped(tmp_path: Path, small_to
     assert code == 0, stderr
     assert "skipped 4 JSONL line(s) that are not a JSON object with a string field 'text'" in stdout
     assert load_manifest(output).corpus["malformed_records"] == 4
-    clean = tmp_path / "clean.jsonl"
-    clean.write_text(lines[0] + "\n", encoding="utf-8")
+    # a job array's part says so for its own lines, and merge for all of them
+    parts, clean = tmp_path / "parts", clean_jsonl(tmp_path)
+    for part in ("0", "1"):
+        code, stdout, stderr = run_cli(
+            "prepare", str(corpus), str(clean), "--output", str(parts), "--tokenizer",
+            str(small_tokenizer), "--seq-len", "64", "--validation-fraction", "0", "--num-parts", "2", "--part", part,
+            "--no-progress",
+        )  # fmt: skip
+        assert code == 0, stderr
+        assert ("skipped 4 JSONL line(s)" in stdout) == (part == "0"), stdout  # the larger file goes to part 0
+    code, stdout, stderr = run_cli("merge", str(parts), "--no-progress")
+    assert code == 0 and "skipped 4 JSONL line(s)" in stdout, stderr
     code, stdout, _ = run_cli(
-        "prepare", str(clean), "--output", str(tmp_path / "clean"), "--tokenizer", str(small_tokenizer),
+        "prepare", str(clean_jsonl(tmp_path)), "--output", str(tmp_path / "clean"), "--tokenizer", str(small_tokenizer),
         "--seq-len", "64", "--validation-fraction", "0", "--no-progress",
     )  # fmt: skip
     assert code == 0 and "skipped" not in stdout
