@@ -415,7 +415,7 @@ def open_shard(data_dir: Path, info: ShardInfo, seq_len: int) -> OpenShard:
     reads, its schema and row count are right. Raises :class:`ShardError` naming the shard."""
     import pyarrow as pa
 
-    path = dataset_file(data_dir, info.file, f"shard {info.file}")
+    path = dataset_file(data_dir, info.file, "shard")
     try:
         size = path.stat().st_size
     except FileNotFoundError:
