@@ -42,6 +42,7 @@ _EXPORTS = {
     "TokenizerError": "data_pipeline.errors",
     "ShardError": "data_pipeline.errors",
     "ManifestError": "data_pipeline.errors",
+    "OutputError": "data_pipeline.errors",
 }
 
 __all__ = sorted(_EXPORTS)

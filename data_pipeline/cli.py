@@ -9,8 +9,10 @@ into a one-line message and status 2. ``python -m data_pipeline.cli data ...`` r
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -81,7 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="use this SentencePiece model (e.g. DeBERTa-v3's spm.model) instead of training one",
     )
     _add_training_arguments(prepare)
-    prepare.add_argument("--seq-len", type=int, default=512, help="tokens per row, [CLS] and [SEP] included")
+    prepare.add_argument(
+        "--seq-len", type=int, default=512, help="tokens per row, [CLS] and [SEP] included (8 to 65536)"
+    )
     prepare.add_argument(
         "--packing",
         choices=["stream", "document"],
@@ -96,8 +100,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="share of documents held out as validation shards (chosen by a hash of file and document)",
     )
     prepare.add_argument("--split-seed", type=int, default=0, help="seed of the held-out document choice")
-    prepare.add_argument("--rows-per-shard", type=int, default=32768, help="rows per shard file")
-    prepare.add_argument("--record-batch-rows", type=int, default=4096, help="rows per Arrow record batch")
+    prepare.add_argument(
+        "--rows-per-shard", type=int, help="rows per shard file (default: 64 MiB of rows, 32768 at --seq-len 512)"
+    )
+    prepare.add_argument(
+        "--record-batch-rows",
+        type=int,
+        help="rows per Arrow record batch (default: 8 MiB of rows, 4096 at --seq-len 512)",
+    )
     prepare.add_argument(
         "--num-parts",
         type=int,
@@ -247,11 +257,20 @@ def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
         try:
             return command(args)
         except InputError as error:
-            name = getattr(args, "data_command", None) or "data"
-            print(f"dv3 data {name}: error: {error}", file=sys.stderr)
+            print(f"dv3 data {_name(args)}: error: {error}", file=sys.stderr)
+            return 2
+        except OSError as error:  # what the commands did not name themselves: still one line, naming the file
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            full = "no space left: " if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
+            where = f"{error.filename}: " if error.filename else ""
+            print(f"dv3 data {_name(args)}: error: {full}{where}{reason}", file=sys.stderr)
             return 2
 
     return run
+
+
+def _name(args: argparse.Namespace) -> str:
+    return getattr(args, "data_command", None) or "data"
 
 
 def _configure_logging() -> None:
@@ -335,12 +354,13 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from data_pipeline.prepare import merge
+    from data_pipeline.prepare import merge, skipped_summary
 
     manifest = merge(args.data_dir, verify=not args.no_verify, num_threads=args.threads, progress=not args.no_progress)
+    text_field = manifest.settings.get("reader", {}).get("text_field", "text")
     print(
         f"merged {manifest.num_parts} parts into {args.data_dir / 'manifest.json'}: {manifest.rows} rows, "
-        f"{manifest.tokens} tokens in {len(manifest.shards)} shards"
+        f"{manifest.tokens} tokens in {len(manifest.shards)} shards{skipped_summary(manifest.corpus, text_field)}"
     )
     return 0
 

@@ -34,7 +34,16 @@ import torch
 from data_pipeline.errors import ConfigError, ManifestError, ShardError, TokenizerError
 from data_pipeline.masking import MaskingConfig, mask_batch
 from data_pipeline.sampling import EpochPlan, source_probabilities
-from data_pipeline.shards import SPLITS, Manifest, OpenShard, ShardInfo, file_sha256, load_manifest, open_shard
+from data_pipeline.shards import (
+    SPLITS,
+    Manifest,
+    OpenShard,
+    ShardInfo,
+    dataset_file,
+    file_sha256,
+    load_manifest,
+    open_shard,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +107,7 @@ def _info(dirs, split, manifest: Manifest, shards, samples_per_epoch, probabilit
         cls_token_id=tok.cls_token_id,
         sep_token_id=tok.sep_token_id,
         unk_token_id=tok.unk_token_id,
-        tokenizer_path=dirs[0] / tok.file,
+        tokenizer_path=dataset_file(dirs[0], tok.file, "tokenizer.file"),
         tokenizer_sha256=tok.sha256,
         packing=manifest.packing,
         rows=sum(shard.rows for shard in shards),
@@ -403,7 +412,7 @@ class PretrainLoader:
     def _check_tokenizers(self, dirs: Sequence[Path], tokenizer: str | os.PathLike | None) -> None:
         expected = file_sha256(Path(tokenizer)) if tokenizer is not None else None
         for directory, manifest in zip(dirs, self.manifests, strict=True):
-            path = directory / manifest.tokenizer.file
+            path = dataset_file(directory, manifest.tokenizer.file, "tokenizer.file")
             if not path.exists():
                 raise TokenizerError(f"{path} is missing: the tokenizer the shards of {directory} were made with")
             if file_sha256(path) != manifest.tokenizer.sha256:

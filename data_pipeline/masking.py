@@ -1,28 +1,33 @@
 """Dynamic masking for MLM/RTD, reproducible from ``(seed, epoch, sample index)``.
 
-Each sample gets exactly ``max(1, round(mask_prob * n))`` masked positions out of its ``n``
-maskable tokens (never ``[CLS]``, ``[SEP]``, padding or other special ids), chosen by
-counter-based hashing rather than a stateful RNG: the same sample masked on any rank, in any
-worker, after any resume, gets the same mask. A new epoch gives a new mask.
+Which positions are selected is decided by counter-based hashing rather than a stateful RNG: the
+same sample masked on any rank, in any worker, after any resume, gets the same mask, and a new
+epoch gives a new mask. ``[CLS]``, ``[SEP]``, padding, ``[MASK]`` and ``[UNK]`` are never selected.
 
-Strategies (what a selected position becomes):
+Strategies:
 
-- ``rtd``:     all ``[MASK]`` (the official DeBERTaV3 RTD recipe)
-- ``bert``:    80% ``[MASK]``, 10% a random token, 10% unchanged
-- ``electra``: 85% ``[MASK]``, 15% unchanged
+- ``rtd``:      ``max(1, round(mask_prob * n))`` of a row's ``n`` maskable tokens, uniformly at
+  random, all become ``[MASK]``
+- ``bert``:     the same positions; 80% ``[MASK]``, 10% a random token, 10% unchanged
+- ``electra``:  the same positions; 85% ``[MASK]``, 15% unchanged
+- ``official``: the position rule of the official DeBERTa RTD masker (see :func:`official_selection`);
+  all become ``[MASK]``
 
-A random replacement token is never a special id, ``[MASK]`` or (when given) ``[UNK]``.
+A random replacement token is never a special id, ``[MASK]`` or ``[UNK]``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from data_pipeline.errors import ConfigError
 from data_pipeline.hashing import derive_key, splitmix64
+from data_pipeline.tokenizer import UNK_ID
 
 IGNORE_INDEX = -100
 
@@ -31,6 +36,7 @@ MASKING_STRATEGIES: dict[str, tuple[float, float]] = {
     "rtd": (1.0, 0.0),
     "bert": (0.8, 0.1),
     "electra": (0.85, 0.0),
+    "official": (1.0, 0.0),
 }
 
 
@@ -41,9 +47,9 @@ class MaskingConfig:
 
     def __post_init__(self) -> None:
         if self.strategy not in MASKING_STRATEGIES:
-            raise ValueError(f"masking strategy {self.strategy!r} is not one of {sorted(MASKING_STRATEGIES)}")
+            raise ConfigError(f"masking strategy {self.strategy!r} is not one of {sorted(MASKING_STRATEGIES)}")
         if not 0.0 < self.mask_prob < 1.0:
-            raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+            raise ConfigError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
 
 
 @dataclass
@@ -121,6 +127,50 @@ def _select_smallest(priority: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return selected
 
 
+def official_window(mask_prob: float) -> int:
+    """Maskable tokens per window of the official masker: ``int(1 / mask_prob)`` (6 at 0.15)."""
+    return max(1, int(1.0 / mask_prob))
+
+
+def official_max_predictions(seq_len: int, mask_prob: float) -> int:
+    """The official masker's cap on masks per row, set from the maximum sequence length:
+    ``mask_prob * seq_len`` rounded up to a multiple of ten (80 at 512, 160 at 1024, 1230 at 8192)."""
+    return math.ceil(seq_len * mask_prob / 10) * 10
+
+
+def official_selection(
+    maskable: np.ndarray, tokens: np.ndarray, mask_prob: float, seed: int, epoch: int, indices: np.ndarray
+) -> np.ndarray:
+    """The official DeBERTa RTD masker's positions, ``[B, L]`` bool.
+
+    A row's maskable positions, in order, are cut into consecutive windows of
+    :func:`official_window` of them (the last window holds what is left, possibly fewer); one
+    position is drawn uniformly within each window. The first ``k`` windows' positions are selected,
+    ``k = min(cap, max(1, round(mask_prob * tokens)), number of windows)``, where ``tokens`` counts
+    the row's non-padding tokens including ``[CLS]`` and ``[SEP]``, ``round`` rounds half to even
+    (as Python's does) and ``cap`` is :func:`official_max_predictions` of the row length ``L``.
+    So masks are spread about one per window, and the maskable tokens after the ``k``-th window
+    (the last ~9% of a full row) are never masked."""
+    batch, length = maskable.shape
+    window = official_window(mask_prob)
+    rank = np.cumsum(maskable, axis=1) - 1  # position's index among its row's maskable positions
+    n_maskable = maskable.sum(axis=1)
+    n_windows = -(-n_maskable // window)
+    wanted = np.maximum(1, np.rint(tokens * mask_prob)).astype(np.int64)
+    used = np.minimum(np.minimum(wanted, official_max_predictions(length, mask_prob)), n_windows)
+
+    max_windows = -(-length // window)
+    starts = np.arange(max_windows, dtype=np.int64)[None, :] * window
+    sizes = np.clip(n_maskable[:, None] - starts, 0, window)  # the last window may be partial
+    draws = _uniform(seed, epoch, indices, max_windows, stream=3)
+    picks = np.minimum((draws * sizes).astype(np.int64), np.maximum(sizes - 1, 0))
+
+    window_of = np.where(maskable, rank // window, 0)
+    in_window = np.where(maskable, rank % window, -1)
+    pick_here = np.take_along_axis(picks, window_of, axis=1)
+    return maskable & (window_of < used[:, None]) & (in_window == pick_here)
+
+
 def mask_batch(
     input_ids: torch.Tensor | np.ndarray,
     attention_mask: torch.Tensor | np.ndarray,
@@ -132,12 +182,13 @@ def mask_batch(
     mask_token_id: int,
     vocab_size: int,
     special_token_ids: Sequence[int] = (0, 1, 2),
-    unk_token_id: int | None = None,
+    unk_token_id: int | None = UNK_ID,
 ) -> MaskedBatch:
     """Mask a ``[B, L]`` batch; ``sample_indices`` are the samples' global indices in the dataset.
 
-    ``vocab_size`` includes ``[MASK]``. ``unk_token_id``, when given, is never drawn as a random
-    replacement (it may still be masked, as any text token)."""
+    ``vocab_size`` includes ``[MASK]``. ``unk_token_id`` (dv3's ``[UNK]`` by default; None for a
+    vocabulary without one) is never selected and never drawn as a random replacement: predicting
+    ``[UNK]`` teaches nothing, and the official masker skips it too."""
     ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
     mask = np.asarray(attention_mask.cpu() if isinstance(attention_mask, torch.Tensor) else attention_mask)
     indices = np.asarray(
@@ -150,13 +201,16 @@ def mask_batch(
         )
     batch, length = ids.shape
 
-    never = sorted(set(special_token_ids) | {mask_token_id})
+    never = sorted(set(special_token_ids) | {mask_token_id} | ({unk_token_id} if unk_token_id is not None else set()))
     maskable = mask != 0
     for token in never:
         maskable &= ids != token
-    n_maskable = maskable.sum(axis=1)
-    n_select = np.where(n_maskable > 0, np.maximum(1, np.rint(config.mask_prob * n_maskable)), 0).astype(np.int64)
-    selected = _select_smallest(_priorities(seed, epoch, indices, length, maskable), n_select)
+    if config.strategy == "official":
+        selected = official_selection(maskable, (mask != 0).sum(axis=1), config.mask_prob, seed, epoch, indices)
+    else:
+        n_maskable = maskable.sum(axis=1)
+        n_select = np.where(n_maskable > 0, np.maximum(1, np.rint(config.mask_prob * n_maskable)), 0).astype(np.int64)
+        selected = _select_smallest(_priorities(seed, epoch, indices, length, maskable), n_select)
 
     mask_fraction, random_fraction = MASKING_STRATEGIES[config.strategy]
     masked = ids.copy()
@@ -167,8 +221,7 @@ def mask_batch(
         masked[selected & (action < mask_fraction)] = mask_token_id
         to_random = selected & (action >= mask_fraction) & (action < mask_fraction + random_fraction)
         if to_random.any():
-            excluded = list(never) + ([unk_token_id] if unk_token_id is not None else [])
-            random_ids = _random_tokens(_hash_bits(seed, epoch, indices, length, stream=2), vocab_size, excluded)
+            random_ids = _random_tokens(_hash_bits(seed, epoch, indices, length, stream=2), vocab_size, never)
             masked[to_random] = random_ids[to_random]
     labels = np.where(selected, ids, IGNORE_INDEX)
     return MaskedBatch(masked_input_ids=torch.from_numpy(masked), mlm_labels=torch.from_numpy(labels))

@@ -15,16 +15,21 @@ a rerun skips parts whose part manifest matches the inputs and settings, and red
 from a clean start (its leftover shards and temporary files removed). Nothing is ever half-accepted:
 a shard is renamed into place only when complete, a part counts only once its part manifest is
 written, and the dataset only once ``manifest.json`` is.
+
+``overwrite`` deletes only what prepare writes (the manifest, part manifests, shards and its own
+temporary files; ``spm.model`` is replaced or reused by the tokenizer step) and refuses, before
+deleting anything, a directory that holds any other file. A write that fails (the output is a file,
+read-only, or the disk is full) ends in an :class:`OutputError` naming the path, with partial files
+removed and everything written before left as it was.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import os
-import shutil
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +38,14 @@ import numpy as np
 
 from data_pipeline.corpus import CorpusStats, Document, DocumentReader, InputFile, ReaderConfig, resolve_inputs
 from data_pipeline.default_corpus import DEFAULT_CORPORA, default_corpus_inputs
-from data_pipeline.errors import ConfigError, CorpusError, DataPipelineError, ManifestError, TokenizerError
+from data_pipeline.errors import (
+    ConfigError,
+    CorpusError,
+    DataPipelineError,
+    ManifestError,
+    OutputError,
+    TokenizerError,
+)
 from data_pipeline.packing import PACKINGS, Packer
 from data_pipeline.shards import (
     MANIFEST_NAME,
@@ -45,8 +57,13 @@ from data_pipeline.shards import (
     ShardInfo,
     ShardWriter,
     TokenizerInfo,
+    dataset_file,
     file_sha256,
+    is_disk_full,
+    output_error,
     read_manifest,
+    temporary_path,
+    unlisted_shards,
     verify_shards,
     write_bytes_atomic,
     write_json_atomic,
@@ -62,8 +79,21 @@ logger = logging.getLogger(__name__)
 
 PARTS_DIR = "parts"
 TOKENIZER_RECORD = "spm.json"
+_WRITE_CHECK = "write-check"
+# Names of everything prepare writes, per folder (the temporary ones end in ".<pid>").
+_OWN_TOP = re.compile(rf"({re.escape(MANIFEST_NAME)}|{re.escape(TOKENIZER_NAME)}|{re.escape(TOKENIZER_RECORD)})")
+_OWN_TOP_TEMPORARY = re.compile(rf"{re.escape(TEMPORARY_PREFIX)}({_OWN_TOP.pattern}|{_WRITE_CHECK})\.\d+")
+_OWN_SHARD = re.compile(r"(train|validation)-.+-p\d{5}-\d{5}\.arrow")
+_OWN_PART = re.compile(r"part-\d{5}-of-\d{5}\.json")
+SHARD_BYTES = 64 << 20  # default shard size
+RECORD_BATCH_BYTES = 8 << 20  # default record batch size
 _ENCODE_BATCH_DOCUMENTS = 1024
 _ENCODE_BATCH_CHARS = 8 << 20
+
+
+def rows_for_bytes(size: int, seq_len: int) -> int:
+    """Rows of ``seq_len`` int32 tokens in about ``size`` bytes (at least one)."""
+    return max(1, size // (4 * seq_len))
 
 
 @dataclass(frozen=True)
@@ -80,8 +110,8 @@ class PrepareConfig:
     packing: str = "stream"
     validation_fraction: float = 0.01  # share of documents held out as split="validation"
     split_seed: int = 0  # which documents are held out is a hash of (split_seed, file key, document index)
-    rows_per_shard: int = 32768
-    record_batch_rows: int = 4096
+    rows_per_shard: int | None = None  # None: 64 MiB of rows (32768 at seq_len 512, 2048 at 8192)
+    record_batch_rows: int | None = None  # None: 8 MiB of rows (4096 at seq_len 512, 256 at 8192)
     num_parts: int = 1
     part: int | None = None  # prepare only this part (a job array task); None = every part, then merge
     num_threads: int = 0  # tokenization threads; 0 = every core this process may use
@@ -101,6 +131,12 @@ class PrepareConfig:
             raise ConfigError(f"packing must be one of {list(PACKINGS)}, got {self.packing!r}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        # Sized in bytes, so long rows do not make huge record batches (the writer buffers one per
+        # language and split) or gigabyte shards.
+        if self.rows_per_shard is None:
+            object.__setattr__(self, "rows_per_shard", rows_for_bytes(SHARD_BYTES, self.seq_len))
+        if self.record_batch_rows is None:
+            object.__setattr__(self, "record_batch_rows", rows_for_bytes(RECORD_BATCH_BYTES, self.seq_len))
         if self.rows_per_shard < 1:
             raise ConfigError(f"rows_per_shard must be positive, got {self.rows_per_shard}")
         if not 1 <= self.record_batch_rows:
@@ -229,7 +265,7 @@ def train_tokenizer_for(
 ) -> SentencePieceTokenizer:
     """Train ``output/spm.model`` on ``files`` and record how in ``output/spm.json``; reuse an existing
     one trained on the same files with the same settings."""
-    output.mkdir(parents=True, exist_ok=True)
+    ensure_output_dir(output)
     model_path = output / TOKENIZER_NAME
     record_path = output / TOKENIZER_RECORD
     source = {"corpus": corpus_fingerprint(files, reader_config), "training": training.to_dict()}
@@ -241,6 +277,7 @@ def train_tokenizer_for(
         if record.get("source") == source and record.get("sha256") == file_sha256(model_path):
             logger.info("reusing %s (trained on the same corpus with the same settings)", model_path)
             return SentencePieceTokenizer(model_path)
+    check_writable(output)
     parts_dir = output / PARTS_DIR
     if (output / MANIFEST_NAME).exists() or (parts_dir.exists() and any(parts_dir.glob("part-*.json"))):
         raise TokenizerError(
@@ -318,7 +355,7 @@ def _tokenizer_info(tokenizer: SentencePieceTokenizer) -> TokenizerInfo:
 def prepare(config: PrepareConfig) -> PrepareResult:
     """Prepare the shards of ``config.inputs`` (or the default corpus) in ``config.output``."""
     output = config.output
-    output.mkdir(parents=True, exist_ok=True)
+    ensure_output_dir(output)
     files = corpus_files(config)
     if not files:
         raise CorpusError("the inputs hold no files")
@@ -338,13 +375,25 @@ def prepare(config: PrepareConfig) -> PrepareResult:
             logger.info(message)
             return PrepareResult(output, existing, [], list(range(config.num_parts)), message)
         if not config.overwrite:
-            fix = ("empty it once before the job array (--overwrite cannot be combined with --part)"
-                   if config.part is not None and config.num_parts > 1 else "pass --overwrite to replace it")
+            fix = (
+                "empty it once before the job array (--overwrite cannot be combined with --part)"
+                if config.part is not None and config.num_parts > 1
+                else "pass --overwrite to replace it"
+            )
             raise ManifestError(
                 f"{output} already holds a dataset prepared from other inputs or settings; {fix}, or choose "
                 "another --output"
             )
+    check_writable(output)
     if config.overwrite:
+        foreign = foreign_files(output)
+        if foreign:
+            shown = ", ".join(str(path.relative_to(output)) for path in foreign[:5])
+            more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            raise OutputError(
+                f"--overwrite deletes only what dv3 data prepare wrote, and {output} also holds {shown}{more}; "
+                "nothing was deleted: move those away or choose another --output"
+            )
         _clear_dataset(output)
 
     if config.tokenizer is not None:
@@ -368,17 +417,89 @@ def prepare(config: PrepareConfig) -> PrepareResult:
 
     if config.part is not None and config.num_parts > 1:
         done = [p for p in range(config.num_parts) if part_manifest_path(output, p, config.num_parts).exists()]
+        corpus = read_manifest(part_manifest_path(output, config.part, config.num_parts)).corpus
         message = (
             f"part {config.part} of {config.num_parts} is prepared ({len(done)} of {config.num_parts} parts done); "
             f"run `dv3 data merge {output}` once every part has finished"
+            f"{skipped_summary(corpus, config.reader.text_field)}"
         )
         return PrepareResult(output, None, prepared, reused, message)
     manifest = merge(output, verify=False)
     message = (
         f"prepared {output}: {manifest.rows} rows ({manifest.tokens} tokens) of {config.seq_len} tokens in "
-        f"{len(manifest.shards)} shards"
+        f"{len(manifest.shards)} shards{skipped_summary(manifest.corpus, config.reader.text_field)}"
     )
     return PrepareResult(output, manifest, prepared, reused, message)
+
+
+def skipped_summary(corpus: dict, text_field: str = "text") -> str:
+    """``"; skipped ..."`` for what reading the corpus left out (empty when nothing was)."""
+    parts = []
+    if corpus.get("malformed_records"):
+        parts.append(
+            f"{corpus['malformed_records']} JSONL line(s) that are not a JSON object with a string field {text_field!r}"
+        )
+    if corpus.get("empty_documents"):
+        parts.append(f"{corpus['empty_documents']} empty document(s)")
+    if corpus.get("skipped_files"):
+        parts.append(f"{len(corpus['skipped_files'])} file(s) that are not text")
+    return f"; skipped {', '.join(parts)} (counted in manifest.json 'corpus')" if parts else ""
+
+
+def ensure_output_dir(output: Path) -> None:
+    """Create ``output`` if needed; refuse a path that is a file."""
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"--output {output} is a file, not a directory: choose a directory (it is left as it was)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise output_error(error, output, "nothing was written") from error
+
+
+def check_writable(output: Path) -> None:
+    """Write and remove a small file in ``output``, so a read-only directory is refused before any
+    long work (training a tokenizer, tokenizing) and before anything is deleted."""
+    probe = temporary_path(output / _WRITE_CHECK)
+    try:
+        with open(probe, "wb") as stream:
+            stream.write(b"\0")
+            stream.flush()
+        probe.unlink()
+    except OSError as error:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise output_error(error, output, "nothing was written") from error
+
+
+def foreign_files(output: Path) -> list[Path]:
+    """Files and folders in ``output`` that prepare did not write (what --overwrite must not delete)."""
+    foreign = []
+    for entry in sorted(output.iterdir()):
+        name = entry.name
+        if entry.is_file() and (_OWN_TOP.fullmatch(name) or _OWN_TOP_TEMPORARY.fullmatch(name)):
+            continue
+        if name in (SHARD_DIR, PARTS_DIR) and entry.is_dir() and not entry.is_symlink():
+            pattern = _OWN_SHARD if name == SHARD_DIR else _OWN_PART
+            for child in sorted(entry.iterdir()):
+                own = (
+                    child.is_file()
+                    and not child.is_symlink()
+                    and (pattern.fullmatch(child.name) or _is_own_temporary(child.name, pattern))
+                )
+                if not own:
+                    foreign.append(child)
+            continue
+        foreign.append(entry)
+    return foreign
+
+
+def _is_own_temporary(name: str, pattern: re.Pattern) -> bool:
+    if not name.startswith(TEMPORARY_PREFIX):
+        return False
+    stem, _, pid = name[len(TEMPORARY_PREFIX) :].rpartition(".")
+    return pid.isdigit() and pattern.fullmatch(stem) is not None
 
 
 def _readable_manifest(path: Path) -> Manifest | None:
@@ -394,10 +515,19 @@ def _tokenizer_unchanged(output: Path, manifest: Manifest) -> bool:
 
 
 def _clear_dataset(output: Path) -> None:
-    """Remove a previous dataset: manifest first, so no manifest ever names a shard being replaced."""
-    (output / MANIFEST_NAME).unlink(missing_ok=True)
-    shutil.rmtree(output / PARTS_DIR, ignore_errors=True)
-    shutil.rmtree(output / SHARD_DIR, ignore_errors=True)
+    """Remove a previous dataset (only files prepare writes; :func:`foreign_files` was checked):
+    manifest first, so no manifest ever names a shard being replaced."""
+    try:
+        (output / MANIFEST_NAME).unlink(missing_ok=True)
+        for folder in (PARTS_DIR, SHARD_DIR):
+            if (output / folder).is_dir():
+                for file in (output / folder).iterdir():
+                    file.unlink(missing_ok=True)
+        for file in output.iterdir():
+            if _OWN_TOP_TEMPORARY.fullmatch(file.name):
+                file.unlink(missing_ok=True)
+    except OSError as error:
+        raise output_error(error, Path(error.filename or output), "delete the old dataset by hand") from error
 
 
 def _part_is_complete(output: Path, part: int, num_parts: int, fingerprint: str) -> bool:
@@ -425,7 +555,7 @@ def _remove_part_files(output: Path, part: int, num_parts: int) -> None:
         return
     tag = f"-p{part:05d}-"
     for file in shard_dir.iterdir():
-        if tag in file.name and (file.name.endswith(".arrow") or file.name.startswith(TEMPORARY_PREFIX)):
+        if tag in file.name and (_OWN_SHARD.fullmatch(file.name) or _is_own_temporary(file.name, _OWN_SHARD)):
             file.unlink(missing_ok=True)
 
 
@@ -486,9 +616,12 @@ def _prepare_part(
     settings_fingerprint: str,
 ) -> Manifest:
     output = config.output
-    _remove_part_files(output, part, config.num_parts)
-    (output / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    (output / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    try:
+        _remove_part_files(output, part, config.num_parts)
+        (output / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        (output / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise output_error(error, Path(error.filename or output), "nothing of this part was written") from error
     stats = CorpusStats()
     reader = DocumentReader(config.reader, stats)
     writer = _PartWriter(config, part)
@@ -513,13 +646,12 @@ def _prepare_part(
     except BaseException as error:
         writer.abort()
         # Unrecorded shards of this part would only be redone by a rerun; give their space back now.
-        _remove_part_files(output, part, config.num_parts)
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise DataPipelineError(
-                f"no space left while writing shards to {output / SHARD_DIR} ({os.strerror(error.errno)}); part "
-                f"{part}'s unfinished shards were removed and nothing was recorded: free space and rerun the "
-                "same command"
-            ) from error
+        try:
+            _remove_part_files(output, part, config.num_parts)
+        except OSError:
+            logger.warning("could not remove the unfinished shards of part %d in %s", part, output / SHARD_DIR)
+        if isinstance(error, OSError):
+            raise _part_write_error(error, output, part) from error
         raise
     finally:
         if bar is not None:
@@ -544,6 +676,22 @@ def _prepare_part(
     write_json_atomic(part_manifest_path(output, part, config.num_parts), manifest.to_dict())
     logger.info("part %d of %d: %d rows in %d shards", part, config.num_parts, manifest.rows, len(shards))
     return manifest
+
+
+def _part_write_error(error: OSError, output: Path, part: int) -> DataPipelineError:
+    """One line for an OSError while a part was read and written."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    culprit = Path(error.filename) if error.filename else output / SHARD_DIR
+    if is_disk_full(error):
+        return OutputError(
+            f"no space left while writing shards to {output / SHARD_DIR} ({reason}); part {part}'s unfinished "
+            "shards were removed and nothing was recorded: free space and rerun the same command"
+        )
+    if not culprit.resolve().is_relative_to(output.resolve()):
+        return CorpusError(f"cannot read {culprit}: {reason}")
+    return OutputError(
+        f"cannot write {culprit}: {reason}; part {part}'s unfinished shards were removed and nothing was recorded"
+    )
 
 
 def _empty_corpus_message(files: Sequence[InputFile], stats: CorpusStats) -> str:
@@ -631,7 +779,7 @@ def merge(output: str | os.PathLike, *, verify: bool = True, num_threads: int = 
                 f"part {part} was prepared from other inputs, settings or tokenizer than part 0; prepare it again "
                 "with the same command line as the others"
             )
-    tokenizer_path = output / reference.tokenizer.file
+    tokenizer_path = dataset_file(output, reference.tokenizer.file, "tokenizer.file")
     if not tokenizer_path.exists():
         raise TokenizerError(f"{tokenizer_path} is missing; the parts were tokenized with it")
     if file_sha256(tokenizer_path) != reference.tokenizer.sha256:
@@ -648,6 +796,13 @@ def merge(output: str | os.PathLike, *, verify: bool = True, num_threads: int = 
             _empty_corpus_message([], stats)
             if not shards
             else "every document went to the validation split; lower --validation-fraction"
+        )
+    stray = unlisted_shards(output, shards)
+    if stray:
+        shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+        raise ManifestError(
+            f"{output} holds {len(stray)} shard file(s) that no part manifest lists ({shown}): leftovers of another "
+            "run would mix two datasets; no manifest written: remove them, or prepare again with --overwrite"
         )
     bar = progress_bar(progress, total=sum(s.bytes for s in shards), unit="B", unit_scale=True, desc="verifying")
     try:

@@ -12,10 +12,13 @@ flushed to disk and renamed, so a shard with its final name is always complete; 
 (``manifest.json``) is written the same way and last, and it is the only thing that makes shards
 count: it records every shard's file, rows, tokens, bytes, sha256, language and split, the
 tokenizer's sha256 and vocabulary, the sequence length, the packing and the corpus statistics.
+A manifest names only files inside its own directory: an entry that is absolute, climbs out with
+``..`` or resolves outside (a symbolic link) is refused before anything is opened.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,12 +26,12 @@ import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
 import numpy as np
 
-from data_pipeline.errors import DataPipelineError, ManifestError, ShardError
+from data_pipeline.errors import DataPipelineError, ManifestError, OutputError, ShardError
 
 FORMAT_NAME = "dv3-pretrain-shards"
 FORMAT_VERSION = 1
@@ -138,7 +141,7 @@ class Manifest:
                 "prepare the data again with this version"
             )
         try:
-            return cls(
+            manifest = cls(
                 seq_len=int(data["seq_len"]),
                 packing=data["packing"],
                 tokenizer=TokenizerInfo(**data["tokenizer"]),
@@ -151,6 +154,53 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ManifestError(f"{source} is missing or has a malformed field: {error!r}") from error
+        check_entry(manifest.tokenizer.file, "tokenizer.file", source)
+        for index, shard in enumerate(manifest.shards):
+            check_entry(shard.file, f"shards[{index}].file", source)
+        return manifest
+
+
+def check_entry(name: object, entry: str, source: str) -> None:
+    """Refuse a file name from a manifest that is not a plain relative path inside its directory."""
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "is not a file name"
+    elif PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+        problem = "is an absolute path"
+    elif ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        problem = "climbs out of the dataset directory with '..'"
+    if problem is not None:
+        raise ManifestError(
+            f"{source}: {entry} {name!r} {problem}; a manifest may only name files inside its own directory, "
+            "so nothing was opened (the manifest was edited or corrupted: prepare the data again)"
+        )
+
+
+def dataset_file(data_dir: Path, name: str, entry: str) -> Path:
+    """``data_dir / name`` after checking that it resolves inside ``data_dir`` (symbolic links
+    followed); ``entry`` names the manifest field in the error."""
+    path = data_dir / name
+    root = data_dir.resolve()
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise ManifestError(
+            f"{data_dir / MANIFEST_NAME}: {entry} {name!r} resolves to {resolved}, outside {root} (a symbolic "
+            "link?); a manifest may only name files inside its own directory, so it was not opened"
+        )
+    return path
+
+
+def is_disk_full(error: OSError) -> bool:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def output_error(error: OSError, path: Path, consequence: str) -> OutputError:
+    """One line for a failed write of ``path``: says "no space left" when the disk (or a quota, or a
+    file size limit) is full, else the system's reason."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    if is_disk_full(error):
+        return OutputError(f"no space left while writing {path} ({reason}); {consequence}")
+    return OutputError(f"cannot write {path}: {reason}; {consequence}")
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -158,18 +208,30 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=1, sort_keys=False) + "\n").encode("utf-8"))
 
 
+def temporary_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place."""
+    return path.with_name(f"{TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` under a temporary name, flush it to disk, then rename it into place: a
-    reader sees the old file or the whole new one, never a torn one."""
-    temporary = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
+    reader sees the old file or the whole new one, never a torn one. A failed write (no space,
+    no permission) removes the temporary file and raises :class:`OutputError` naming ``path``."""
+    temporary = temporary_path(path)
     try:
         with open(temporary, "wb") as stream:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+    except BaseException as error:
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:  # a read-only directory: nothing was created there either
+            pass
+        if isinstance(error, OSError):
+            kept = "the previous version is unchanged" if path.exists() else "nothing was written"
+            raise output_error(error, path, kept) from error
         raise
     _fsync_directory(path.parent)
 
@@ -209,6 +271,8 @@ def read_manifest(path: Path) -> Manifest:
 def load_manifest(data_dir: str | os.PathLike) -> Manifest:
     """The manifest of a prepared data directory (``DIR/manifest.json``)."""
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ManifestError(f"data directory {data_dir} is a file, not a directory")
     if not data_dir.is_dir():
         raise ManifestError(f"data directory {data_dir} does not exist")
     return read_manifest(data_dir / MANIFEST_NAME)
@@ -264,7 +328,7 @@ class ShardWriter:
         self.path = path
         self.seq_len = seq_len
         self.record_batch_rows = record_batch_rows
-        self.temporary = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
+        self.temporary = temporary_path(path)
         self._stream = _open_for_write(self.temporary)
         self._sink = _HashingFile(self._stream)
         self._schema = shard_schema(seq_len)
@@ -351,7 +415,7 @@ def open_shard(data_dir: Path, info: ShardInfo, seq_len: int) -> OpenShard:
     reads, its schema and row count are right. Raises :class:`ShardError` naming the shard."""
     import pyarrow as pa
 
-    path = data_dir / info.file
+    path = dataset_file(data_dir, info.file, "shard")
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -400,7 +464,7 @@ def check_shard(data_dir: Path, info: ShardInfo, seq_len: int, full: bool = True
     checks every row's checksum."""
     try:
         shard = open_shard(data_dir, info, seq_len)
-    except ShardError as error:
+    except (ShardError, ManifestError) as error:
         return str(error)
     if not full:
         return None
@@ -457,12 +521,13 @@ def verify_dataset(
     progress=None,  # noqa: ANN001 - a callable taking a byte count
 ) -> VerifyReport:
     """Check a prepared directory against its manifest: the tokenizer's hash (and that of
-    ``tokenizer`` when given) and every shard (see :func:`check_shard`). Raises for a missing or
-    unreadable manifest; returns a report listing every bad shard."""
+    ``tokenizer`` when given), every shard (see :func:`check_shard`), and that no ``.arrow`` file
+    the manifest does not list lies in the directory (a stray shard means a mixed dataset). Raises
+    for a missing or unreadable manifest; returns a report listing every problem."""
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
     report = VerifyReport()
-    tokenizer_path = data_dir / manifest.tokenizer.file
+    tokenizer_path = dataset_file(data_dir, manifest.tokenizer.file, "tokenizer.file")
     if not tokenizer_path.exists():
         report.bad.append((manifest.tokenizer.file, f"tokenizer {tokenizer_path} is missing"))
     elif file_sha256(tokenizer_path) != manifest.tokenizer.sha256:
@@ -476,4 +541,19 @@ def verify_dataset(
     )
     report.checked = shards.checked
     report.bad.extend(shards.bad)
+    for name in unlisted_shards(data_dir, manifest.shards):
+        report.bad.append(
+            (
+                name,
+                f"{data_dir / name} is not listed in {data_dir / MANIFEST_NAME}: a shard of another dataset or "
+                "run mixed into this one; remove it, or prepare the data again into an empty directory",
+            )
+        )
     return report
+
+
+def unlisted_shards(data_dir: Path, listed: Sequence[ShardInfo]) -> list[str]:
+    """``.arrow`` files under ``data_dir`` (relative, ``/``-separated) that ``listed`` does not name."""
+    names = {PurePosixPath(shard.file).as_posix() for shard in listed}
+    found = (path.relative_to(data_dir).as_posix() for path in data_dir.rglob("*.arrow") if path.is_file())
+    return sorted(name for name in found if name not in names)

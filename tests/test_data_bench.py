@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_pipeline import bench
-from tests.test_data_support import build_corpus, build_prepared
+from tests.support.data import build_corpus, build_prepared
 
 
 @pytest.mark.slow

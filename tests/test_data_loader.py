@@ -1,9 +1,11 @@
 """PretrainLoader: shapes, rank disjointness and coverage, exact resumption (also across world sizes),
-blending, language sampling, masking, epochs, and refusing damaged or mismatched data."""
+blending, language sampling, masking, epochs, long rows, and refusing damaged or mismatched data."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from data_pipeline import PretrainLoader
 from data_pipeline.errors import ConfigError, DataPipelineError, ManifestError, ShardError, TokenizerError
 from data_pipeline.masking import IGNORE_INDEX, MaskingConfig, mask_batch
 from data_pipeline.sampling import largest_remainder, source_probabilities
-from tests.test_data_support import (
+from data_pipeline.shards import load_manifest, verify_dataset
+from tests.support.data import (
     SEQ_LEN,
     all_rows,
     build_corpus,
@@ -185,6 +188,43 @@ def test_masking_is_reproducible_from_seed_epoch_and_sample_index(prepared_dir: 
         selected = batch["mlm_labels"] != IGNORE_INDEX
         assert not selected[batch["input_ids"] <= 2].any(), "never [PAD], [CLS] or [SEP]"
         assert selected.any(dim=1).all()
+
+
+@pytest.mark.parametrize("seq_len", [1024, 8192])
+def test_long_rows_are_prepared_and_loaded_with_masking(
+    tmp_path: Path, corpus_dir: Path, small_tokenizer: Path, seq_len: int
+) -> None:
+    output = tmp_path / "long"
+    command = [sys.executable, "-m", "data_pipeline.cli", "data", "prepare", str(corpus_dir), "--output", str(output),
+               "--tokenizer", str(small_tokenizer), "--seq-len", str(seq_len), "--validation-fraction", "0",
+               "--no-progress"]  # fmt: skip
+    result = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    manifest = load_manifest(output)
+    assert manifest.seq_len == seq_len and verify_dataset(output).ok
+    # Record batches and shards are sized in bytes (8 MiB, 64 MiB), not a fixed row count.
+    assert manifest.settings["record_batch_rows"] == (8 << 20) // (4 * seq_len)
+    assert manifest.settings["rows_per_shard"] == (64 << 20) // (4 * seq_len)
+    rows = all_rows(output)
+    for strategy in ("rtd", "official"):
+        loader = PretrainLoader(output, batch_size=len(rows), shuffle=False, masking=MaskingConfig(strategy),
+                                return_indices=True)  # fmt: skip
+        batch = next(loader)
+        assert batch["input_ids"].shape == (len(rows), seq_len)
+        assert torch.equal(batch["input_ids"], torch.from_numpy(rows[batch["row_index"].numpy()]))
+        selected = (batch["mlm_labels"] != IGNORE_INDEX).numpy()
+        ids = batch["input_ids"].numpy()
+        assert not selected[ids <= 3].any(), "never [PAD], [CLS], [SEP] or [UNK]"
+        maskable = ids > 3
+        full_rows = np.nonzero(batch["attention_mask"].numpy().all(axis=1))[0]
+        assert len(full_rows) >= 4, "enough full rows to check the masks on"
+        for row in full_rows:
+            picked = np.nonzero(selected[row][maskable[row]])[0]  # ranks among the maskable positions
+            if strategy == "rtd":
+                assert len(picked) == round(0.15 * maskable[row].sum())
+            else:  # 154 at 1024, 1229 at 8192 (under the cap); the last ~10% of the row is never masked
+                used = min(round(0.15 * seq_len), -(-maskable[row].sum() // 6))
+                assert list(picked // 6) == list(range(used))
 
 
 def test_epochs_continue_and_are_counted(prepared_dir: Path) -> None:

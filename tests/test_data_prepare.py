@@ -1,17 +1,21 @@
 """``dv3 data prepare / merge / verify / stats``: shards and manifest, packing, the held-out split,
-reruns, job-array parts, and every bad input of the issue (empty corpus, a file that is not text,
-non-UTF-8 bytes, one enormous document, damaged shards, a tokenizer mismatch, a deleted shard, a
-full disk and a killed prepare)."""
+reruns, job-array parts, and every bad input (empty corpus, a file that is not text, non-UTF-8
+bytes, one enormous document, damaged shards, a tokenizer mismatch, a deleted shard, a full disk,
+a killed prepare, a manifest naming files outside its directory, a stray shard, skipped JSONL
+lines, --overwrite next to other files, an output that is a file or read-only)."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +31,13 @@ from data_pipeline.errors import (
     DataPipelineError,
     InputError,
     ManifestError,
+    OutputError,
     TokenizerError,
 )
 from data_pipeline.prepare import merge
 from data_pipeline.shards import load_manifest, verify_dataset
 from data_pipeline.tokenizer import CLS_ID, PAD_ID, SEP_ID, SentencePieceTokenizer
-from tests.test_data_support import (
+from tests.support.data import (
     SEQ_LEN,
     build_corpus,
     build_prepared,
@@ -512,3 +517,279 @@ def test_prepare_with_no_input_builds_the_default_english_corpus(tmp_path: Path)
     assert manifest.tokenizer.vocab_size == 16001 and manifest.tokenizer.mask_token_id == 16000
     code, stdout, _ = run_cli("prepare", "--output", str(output))
     assert code == 0 and "nothing to do" in stdout
+
+
+# -- robustness: paths, stray shards, skipped lines, --overwrite, unwritable outputs ----------------
+
+
+def _edit_manifest(data: Path, change) -> None:  # noqa: ANN001
+    path = data / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "tokenizer"])
+def test_a_manifest_entry_outside_the_dataset_is_refused_and_never_opened(
+    tmp_path: Path, prepared_dir: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow
+
+    data = copy_dataset(prepared_dir, tmp_path / "data")
+    first = load_manifest(data).shards[0].file
+    # A byte-identical copy outside the dataset: were it opened, it would load without complaint.
+    outside = tmp_path / "outside.arrow"
+    outside.write_bytes((data / first).read_bytes())
+    if kind == "dotdot":
+        _edit_manifest(data, lambda m: m["shards"][0].update(file="../outside.arrow"))
+    elif kind == "absolute":
+        _edit_manifest(data, lambda m: m["shards"][0].update(file=str(outside)))
+    elif kind == "symlink":
+        (data / first).unlink()
+        (data / first).symlink_to(outside)
+    else:
+        (tmp_path / "spm.model").write_bytes((data / "spm.model").read_bytes())
+        _edit_manifest(data, lambda m: m["tokenizer"].update(file="../spm.model"))
+    opened: list[str] = []
+    real_memory_map, real_sha256 = pyarrow.memory_map, shards_module.file_sha256
+
+    def memory_map(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        opened.append(str(path))
+        return real_memory_map(path, *args, **kwargs)
+
+    def file_sha256(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        opened.append(str(path))
+        return real_sha256(path, *args, **kwargs)
+
+    monkeypatch.setattr(pyarrow, "memory_map", memory_map)
+    monkeypatch.setattr(shards_module, "file_sha256", file_sha256)
+    entry = "tokenizer.file" if kind == "tokenizer" else "shards[0].file" if kind != "symlink" else first
+    with pytest.raises(ManifestError, match=r"manifest\.json: .*" + re.escape(entry)) as refused:
+        loader = PretrainLoader(data, batch_size=4, seed=0)
+        for _ in range(200):
+            next(loader)
+    assert "outside" in str(refused.value) or "'..'" in str(refused.value) or "absolute" in str(refused.value)
+    if kind != "symlink":
+        with pytest.raises(ManifestError, match=re.escape(entry)):
+            verify_dataset(data)
+    else:
+        assert [file for file, _ in verify_dataset(data).bad] == [first]
+    assert not [path for path in opened if Path(path).resolve().parent == tmp_path], "nothing outside was opened"
+    code, stdout, stderr = run_cli("verify", str(data))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert str(data / "manifest.json") in (stdout if kind == "symlink" else stderr)  # symlink: a BAD line
+
+
+def test_verify_reports_a_shard_file_the_manifest_does_not_list(tmp_path: Path, prepared_dir: Path) -> None:
+    data = copy_dataset(prepared_dir, tmp_path / "data")
+    listed = sorted((data / "shards").glob("train-*.arrow"))[0]
+    stray = data / "shards" / "train-en-p00007-00000.arrow"  # e.g. left by another run
+    stray.write_bytes(listed.read_bytes())
+    report = verify_dataset(data, full=False)
+    assert [file for file, _ in report.bad] == ["shards/train-en-p00007-00000.arrow"]
+    assert "not listed in" in report.bad[0][1] and str(data / "manifest.json") in report.bad[0][1]
+    code, stdout, stderr = run_cli("verify", str(data), "--quick")
+    assert code == 2 and "BAD shards/train-en-p00007-00000.arrow" in stdout
+    assert len(stderr.strip().splitlines()) == 1 and "train-en-p00007-00000.arrow" in stderr
+    # merge does not write a manifest over a mixed shard folder either
+    before = (data / "manifest.json").read_bytes()
+    with pytest.raises(ManifestError, match="no part manifest lists .*train-en-p00007-00000.arrow"):
+        merge(data)
+    assert (data / "manifest.json").read_bytes() == before
+    stray.unlink()
+    assert verify_dataset(data).ok
+
+
+def clean_jsonl(directory: Path) -> Path:
+    path = directory / "clean.jsonl"
+    path.write_text(json.dumps({"text": "A clean line about anarchism."}) + "\n", encoding="utf-8")
+    return path
+
+
+def test_prepare_prints_how_many_jsonl_lines_it_skipped(tmp_path: Path, small_tokenizer: Path) -> None:
+    corpus = tmp_path / "docs.jsonl"
+    lines = [
+        json.dumps({"text": "A real sentence about anarchism and albedo."}),
+        "not json at all",
+        json.dumps({"title": "no text field"}),
+        json.dumps({"text": 5}),
+        "[1, 2]",
+        json.dumps({"text": "Another sentence about the sea."}),
+    ]
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    output = tmp_path / "data"
+    code, stdout, stderr = run_cli(
+        "prepare", str(corpus), "--output", str(output), "--tokenizer", str(small_tokenizer), "--seq-len", "64",
+        "--validation-fraction", "0", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "skipped 4 JSONL line(s) that are not a JSON object with a string field 'text'" in stdout
+    assert load_manifest(output).corpus["malformed_records"] == 4
+    # a job array's part says so for its own lines, and merge for all of them
+    parts, clean = tmp_path / "parts", clean_jsonl(tmp_path)
+    for part in ("0", "1"):
+        code, stdout, stderr = run_cli(
+            "prepare", str(corpus), str(clean), "--output", str(parts), "--tokenizer",
+            str(small_tokenizer), "--seq-len", "64", "--validation-fraction", "0", "--num-parts", "2", "--part", part,
+            "--no-progress",
+        )  # fmt: skip
+        assert code == 0, stderr
+        assert ("skipped 4 JSONL line(s)" in stdout) == (part == "0"), stdout  # the larger file goes to part 0
+    code, stdout, stderr = run_cli("merge", str(parts), "--no-progress")
+    assert code == 0 and "skipped 4 JSONL line(s)" in stdout, stderr
+    code, stdout, _ = run_cli(
+        "prepare", str(clean_jsonl(tmp_path)), "--output", str(tmp_path / "clean"), "--tokenizer", str(small_tokenizer),
+        "--seq-len", "64", "--validation-fraction", "0", "--no-progress",
+    )  # fmt: skip
+    assert code == 0 and "skipped" not in stdout
+
+
+def test_overwrite_deletes_only_what_prepare_wrote_and_refuses_beside_other_files(
+    tmp_path: Path, corpus_dir: Path, small_tokenizer: Path
+) -> None:
+    output = tmp_path / "data"
+    prepare_small(output, [corpus_dir / "de"], small_tokenizer)
+    own_temporary = output / "shards" / ".tmp-train-de-p00000-00009.arrow.4242"  # a killed run's leftover
+    own_temporary.write_bytes(b"partial")
+    mine = {output / "notes.txt": b"my notes", output / "shards" / "README": b"about these shards"}
+    (output / "mine").mkdir()
+    mine[output / "mine" / "keep.txt"] = b"keep"
+    for path, content in mine.items():
+        path.write_bytes(content)
+    before = {path: path.read_bytes() for path in output.rglob("*") if path.is_file()}
+    with pytest.raises(OutputError, match=r"--overwrite deletes only .* also holds mine, notes.txt, shards/README;"):
+        prepare_small(output, [corpus_dir / "de"], small_tokenizer, seq_len=32, overwrite=True)
+    assert {path: path.read_bytes() for path in output.rglob("*") if path.is_file()} == before, "nothing deleted"
+    assert verify_dataset(output).ok
+    for path in mine:
+        path.unlink()
+    (output / "mine").rmdir()
+    replaced = prepare_small(output, [corpus_dir / "de"], small_tokenizer, seq_len=32, overwrite=True)
+    assert replaced.manifest.seq_len == 32 and verify_dataset(output).ok
+    assert not own_temporary.exists(), "prepare's own leftovers go"
+    # Pointed at a folder that merely has a 'shards' folder of someone else's, nothing is touched.
+    home = tmp_path / "home"
+    (home / "shards").mkdir(parents=True)
+    (home / "shards" / "photo.arrow").write_bytes(b"not ours")
+    code, _, stderr = run_cli("prepare", str(corpus_dir / "de"), "--output", str(home), "--tokenizer",
+                              str(small_tokenizer), "--overwrite", "--no-progress")  # fmt: skip
+    assert code == 2 and "shards/photo.arrow" in stderr and len(stderr.strip().splitlines()) == 1
+    assert (home / "shards" / "photo.arrow").read_bytes() == b"not ours"
+
+
+def test_output_that_is_a_file_is_one_line_and_exit_2(tmp_path: Path, corpus_dir: Path, small_tokenizer: Path) -> None:
+    target = tmp_path / "a-file"
+    target.write_bytes(b"precious")
+    for command in (
+        ["prepare", str(corpus_dir / "de"), "--output", str(target), "--tokenizer", str(small_tokenizer)],
+        ["train-tokenizer", str(corpus_dir / "de"), "--output", str(target), "--vocab-size", "300"],
+        ["verify", str(target)],
+        ["merge", str(target)],
+        ["stats", str(target)],
+    ):
+        code, _, stderr = run_cli(*command, *(["--no-progress"] if command[0] not in ("stats",) else []))
+        assert code == 2, (command, stderr)
+        assert len(stderr.strip().splitlines()) == 1 and str(target) in stderr and "Traceback" not in stderr, stderr
+    assert target.read_bytes() == b"precious"
+
+
+@contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[None]:
+    """A real small or read-only filesystem at ``path`` (needs root; the test is skipped without)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_read_only_output_directory_is_one_line_exit_2_and_keeps_the_dataset(
+    tmp_path: Path, corpus_dir: Path, small_tokenizer: Path
+) -> None:
+    output = tmp_path / "ro"
+    args = ["--output", str(output), "--tokenizer", str(small_tokenizer), "--seq-len", "64", "--no-progress"]
+    with tmpfs(output, "size=8m"):
+        code, _, stderr = run_cli("prepare", str(corpus_dir / "de"), *args)
+        assert code == 0, stderr
+        before = {path: path.read_bytes() for path in output.rglob("*") if path.is_file()}
+        subprocess.run(["mount", "-o", "remount,ro", str(output)], check=True)
+        code, stdout, stderr = run_cli("prepare", str(corpus_dir / "de"), *args)
+        assert code == 0 and "nothing to do" in stdout, stderr  # reading a finished dataset needs no writing
+        for command in (
+            ["prepare", str(corpus_dir / "de"), *args, "--seq-len", "32", "--overwrite"],
+            ["prepare", str(corpus_dir / "ru"), "--output", str(output / "new"), "--no-progress"],
+            ["train-tokenizer", str(corpus_dir / "de"), "--output", str(output / "tok"), "--no-progress"],
+            ["merge", str(output), "--no-progress"],
+        ):
+            code, _, stderr = run_cli(*command)
+            assert code == 2, (command, stderr)
+            assert len(stderr.strip().splitlines()) == 1 and "Read-only file system" in stderr, stderr
+            assert str(output) in stderr and "Traceback" not in stderr
+        assert {path: path.read_bytes() for path in output.rglob("*") if path.is_file()} == before
+        assert verify_dataset(output).ok
+
+
+def test_disk_full_on_a_real_filesystem_says_no_space_left_and_a_rerun_completes(
+    tmp_path: Path, corpus_dir: Path, small_tokenizer: Path
+) -> None:
+    args = ["--tokenizer", str(small_tokenizer), "--seq-len", "64", "--rows-per-shard", "40", "--no-progress"]
+    # 16 kB: the tokenizer copy (40 kB) does not fit; 96 kB: it does, the shards do not.
+    for size, culprit in (("16k", "spm.model"), ("96k", "shards")):
+        mount = tmp_path / f"disk-{size}"
+        with tmpfs(mount, f"size={size}"):
+            output = mount / "data"
+            code, _, stderr = run_cli("prepare", str(corpus_dir), "--output", str(output), *args)
+            assert code == 2, stderr
+            lines = stderr.strip().splitlines()
+            assert len(lines) == 1 and "no space left while writing" in lines[0], stderr
+            assert str(output / culprit) in lines[0]
+            assert not (output / "manifest.json").exists()
+            assert not [p for p in output.rglob("*") if p.is_file() and p.name != "spm.model"], "no partial file"
+    output = tmp_path / "data"
+    code, _, stderr = run_cli("prepare", str(corpus_dir), "--output", str(output), *args)
+    assert code == 0 and verify_dataset(output).ok, stderr
+
+
+def test_disk_full_while_writing_the_manifest_keeps_the_old_one_and_the_parts(
+    tmp_path: Path, prepared_dir: Path, corpus_dir: Path, small_tokenizer: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, stream) -> None:  # noqa: ANN001
+            self._stream = stream
+
+        def __enter__(self):  # noqa: ANN204
+            return self
+
+        def __exit__(self, *exc) -> None:  # noqa: ANN002
+            self._stream.close()
+
+        def write(self, data) -> int:  # noqa: ANN001
+            self._stream.write(bytes(data)[:100])  # part of it lands, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def filling_open(path, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202
+        stream = real_open(path, mode, *args, **kwargs)
+        return FullDisk(stream) if "manifest.json" in str(path) and "w" in mode else stream
+
+    monkeypatch.setattr(shards_module, "open", filling_open, raising=False)
+    # merge over an existing dataset: the manifest it replaces stays whole
+    data = copy_dataset(prepared_dir, tmp_path / "copy")
+    before = (data / "manifest.json").read_bytes()
+    with pytest.raises(OutputError, match="no space left while writing .*manifest.json.*previous version is unchanged"):
+        merge(data)
+    assert (data / "manifest.json").read_bytes() == before and verify_dataset(data).ok
+    assert not list(data.rglob(".tmp-*"))
+    # a fresh prepare: the parts are written and kept, the manifest is not; a rerun only merges
+    output = tmp_path / "data"
+    with pytest.raises(OutputError, match="no space left while writing .*manifest.json.*nothing was written"):
+        prepare_small(output, [corpus_dir / "de"], small_tokenizer)
+    assert not (output / "manifest.json").exists() and not list(output.rglob(".tmp-*"))
+    assert list((output / "parts").glob("part-*.json"))
+    monkeypatch.undo()
+    again = prepare_small(output, [corpus_dir / "de"], small_tokenizer)
+    assert again.parts_reused == [0] and again.parts_prepared == [] and verify_dataset(output).ok

@@ -23,7 +23,7 @@ from data_pipeline.tokenizer import (
     normalize_text,
     train_tokenizer,
 )
-from tests.test_data_support import build_corpus, build_tokenizer, fortunes, wikipedia_articles
+from tests.support.data import build_corpus, build_tokenizer, fortunes, wikipedia_articles
 
 
 @pytest.fixture(scope="session")
@@ -208,7 +208,7 @@ def test_train_tokenizer_command_writes_the_model_and_reuses_it(
 def test_training_refuses_to_replace_the_tokenizer_of_prepared_shards(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from tests.test_data_support import build_prepared, copy_dataset
+    from tests.support.data import build_prepared, copy_dataset
 
     data = copy_dataset(build_prepared(tmp_path_factory), tmp_path / "data")
     before = (data / "spm.model").read_bytes()

@@ -1,4 +1,4 @@
-"""Shared builders of the data pipeline tests: small real corpora, a small tokenizer, prepared datasets.
+"""Builders the data tests share: small real corpora, a small tokenizer, prepared datasets.
 
 Real text only: English Wikipedia articles from gensim's test data and fortunes from Debian's
 fortunes-* packages (both installed by scripts/bootstrap.sh). Everything expensive is built once
