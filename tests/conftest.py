@@ -19,9 +19,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from engine.train.distributed import prefer_environment_tools  # noqa: E402 (after the settings above)
 from tests.support import REPO  # noqa: E402
+from tests.support.data import build_corpus, build_prepared, build_tokenizer  # noqa: E402
 from tests.support.slurm import LOCAL_SLURM, daemon_pids, process_alive  # noqa: E402
 
 prefer_environment_tools()  # this environment's ninja for DeepSpeed's op builds, in subprocesses too
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A small real corpus: English Wikipedia articles and fortunes in several languages."""
+    return build_corpus(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory) -> Path:
+    """A small sentencepiece model trained on that corpus."""
+    return build_tokenizer(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory) -> Path:
+    """That corpus prepared into shards (64-token rows) with the small tokenizer."""
+    return build_prepared(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -21,27 +21,9 @@ from data_pipeline.shards import load_manifest, verify_dataset
 from tests.support.data import (
     SEQ_LEN,
     all_rows,
-    build_corpus,
-    build_prepared,
-    build_tokenizer,
     copy_dataset,
     prepare_small,
 )
-
-
-@pytest.fixture(scope="session")
-def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_corpus(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def small_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tokenizer(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_prepared(tmp_path_factory)
 
 
 def take(loader: PretrainLoader, steps: int) -> list[dict[str, torch.Tensor]]:

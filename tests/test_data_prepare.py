@@ -39,9 +39,6 @@ from data_pipeline.shards import load_manifest, verify_dataset
 from data_pipeline.tokenizer import CLS_ID, PAD_ID, SEP_ID, SentencePieceTokenizer
 from tests.support.data import (
     SEQ_LEN,
-    build_corpus,
-    build_prepared,
-    build_tokenizer,
     copy_dataset,
     prepare_small,
     read_rows,
@@ -49,21 +46,6 @@ from tests.support.data import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_corpus(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def small_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tokenizer(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_prepared(tmp_path_factory)
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:

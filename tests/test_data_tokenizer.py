@@ -23,12 +23,7 @@ from data_pipeline.tokenizer import (
     normalize_text,
     train_tokenizer,
 )
-from tests.support.data import build_corpus, build_tokenizer, fortunes, wikipedia_articles
-
-
-@pytest.fixture(scope="session")
-def small_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tokenizer(tmp_path_factory)
+from tests.support.data import build_corpus, fortunes, wikipedia_articles
 
 
 def documents(texts: list[str], language: str) -> list[Document]:

@@ -2,7 +2,7 @@
 
 Real text only: English Wikipedia articles from gensim's test data and fortunes from Debian's
 fortunes-* packages (both installed by scripts/bootstrap.sh). Everything expensive is built once
-per session and cached here; each test module wraps these builders in its own fixtures.
+per session and cached here; tests/conftest.py wraps the builders in session fixtures.
 """
 
 from __future__ import annotations
