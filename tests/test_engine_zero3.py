@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.config import OptimSection
+from engine.train.optim import build_param_groups
+from tests.support import REPO
 from tests.support.models import build_model, rank_batch
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def reference_gradients(sharing: str, loss_name: str) -> dict[str, torch.Tensor]:
@@ -25,12 +26,16 @@ def reference_gradients(sharing: str, loss_name: str) -> dict[str, torch.Tensor]
             for name, p in model.embedding_parameters().items()}
 
 
-def run_workers(tmp_path: Path, sharing: str) -> list[dict]:
+def run_worker(tmp_path: Path, worker: str, *arguments: str) -> None:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29000 + os.getpid() % 1000), str(REPO / "tests/workers/gdes_zero3.py"), str(tmp_path), sharing]
+               str(29000 + os.getpid() % 1000), str(REPO / "tests/workers" / worker), str(tmp_path), *arguments]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def run_workers(tmp_path: Path, sharing: str) -> list[dict]:
+    run_worker(tmp_path, "gdes_zero3.py", sharing)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
@@ -50,3 +55,52 @@ def test_gdes_under_zero3_gives_generator_embedding_only_the_mlm_gradient(tmp_pa
     # The test can fail: the total loss's E_G gradient under ES (no stop-gradient) is far from MLM's.
     es_total = reference_gradients("es", "loss")["E_G"]
     assert float((es_total - mlm_only["E_G"]).abs().max()) > 1e-3
+
+
+CLIP_NORM = 0.5  # below both models' gradient norms at initialisation, so both are clipped
+
+
+def separately_trained_reference() -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One update of generator and discriminator as two models: the generator on the MLM loss, the
+    discriminator on lambda * RTD, each clipped to its own norm, then AdamW with dv3's groups."""
+    model = build_model("gdes").train()
+    for rank in (0, 1):  # the data-parallel mean of the two ranks' gradients
+        ids, mask, masked, labels, sampling_seed = rank_batch(rank)
+        torch.manual_seed(sampling_seed)
+        (model(ids, mask, masked, labels).loss / 2).backward()
+    # Under GDES the total loss gives the generator only the MLM gradient and the discriminator only
+    # lambda * RTD's (test_gdes_under_zero3_gives_generator_embedding_only_the_mlm_gradient).
+    norms = {}
+    for side in ("generator", "discriminator"):
+        parameters = [p for name, p in model.named_parameters() if name.startswith(f"{side}.")]
+        norms[side] = float(torch.nn.utils.clip_grad_norm_(parameters, CLIP_NORM))
+    optim = OptimSection(lr=1e-3, warmup_steps=0, grad_clip=CLIP_NORM)
+    groups = build_param_groups(model, optim)
+    torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps).step()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}, norms
+
+
+@pytest.mark.slow
+def test_separate_clipping_under_zero3_updates_each_model_as_if_trained_alone(tmp_path):
+    expected, norms = separately_trained_reference()
+    assert norms["generator"] > CLIP_NORM and norms["discriminator"] > CLIP_NORM
+
+    run_worker(tmp_path, "clip_zero3.py", "separate", str(CLIP_NORM))
+    got = torch.load(tmp_path / "result.pt", weights_only=True)
+    assert got["norms"] == pytest.approx(norms, rel=1e-5)
+    assert got["factors"] == pytest.approx({side: CLIP_NORM / (norm + 1e-6) for side, norm in norms.items()}, rel=1e-5)
+    for name, value in expected.items():
+        torch.testing.assert_close(got["parameters"][name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+    # The test can fail: one clip over both models (dv3 0.1, optim.clip_mode joint) moves the
+    # generator by far less than training it alone would.
+    joint = tmp_path / "joint"
+    joint.mkdir()
+    run_worker(joint, "clip_zero3.py", "joint", str(CLIP_NORM))
+    got_joint = torch.load(joint / "result.pt", weights_only=True)
+    initial = {name: p.detach() for name, p in build_model("gdes").named_parameters()}
+    name = "generator.deberta.encoder.layer.0.attention.self.query_proj.weight"
+    separate_step = (expected[name] - initial[name]).norm()
+    joint_step = (got_joint["parameters"][name] - initial[name]).norm()
+    assert not torch.allclose(got_joint["parameters"][name], expected[name], rtol=1e-3, atol=1e-6)
+    assert float(joint_step) < 0.9 * float(separate_step)

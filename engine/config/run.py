@@ -23,6 +23,7 @@ from engine.config.encoder import PRESETS, EncoderConfig, encoder_config_from_hf
 from engine.resources import resolve_resource_path
 
 SHARING_MODES = ("es", "nes", "gdes")
+CLIP_MODES = ("separate", "joint")
 
 
 def _need(condition: bool, name: str, message: str) -> None:
@@ -63,7 +64,7 @@ class RTDConfig:
     rtd_lambda: float = 50.0
     temperature: float = 1.0
     generator_layers: int | None = None
-    enhanced_mask_decoder: bool = False
+    enhanced_mask_decoder: bool = True  # the official v3 generator always has it
     masking: str = "rtd"
     mask_prob: float = 0.15
 
@@ -124,6 +125,9 @@ class OptimSection:
     beta2: float = 0.98
     eps: float = 1e-6
     grad_clip: float = 1.0
+    # separate: generator and discriminator gradients each clipped to grad_clip (the official recipe);
+    # joint: one clip over both (DeepSpeed's gradient_clipping; dv3 before 0.2)
+    clip_mode: str = "separate"
     generator_lr_multiplier: float = 1.0
     discriminator_lr_multiplier: float = 1.0
     delta_lr_multiplier: float | None = None  # set: E_Delta gets its own group `disc_delta`
@@ -135,6 +139,7 @@ class OptimSection:
         _need(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
         _need(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _need(self.clip_mode in CLIP_MODES, "optim.clip_mode", f"{self.clip_mode!r} is not one of {', '.join(CLIP_MODES)}")
 
 
 @dataclass
@@ -259,28 +264,44 @@ class RunConfig:
         path = resolve_resource_path(self.train.deepspeed_config)
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ConfigError(f"train.deepspeed_config: cannot read {path}: {error}") from error
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a DeepSpeed config is a JSON object, got {type(data).__name__}")
+        zero = data.get("zero_optimization", {})
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+        if not isinstance(stage, int) or isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
         if "scheduler" in data:
             raise ConfigError(f"{path}: remove the 'scheduler' section: dv3 schedules each parameter group's lr itself")
+        # In separate mode dv3 clips each model itself (engine.train.clipping); DeepSpeed must not.
+        clipping = self.optim.grad_clip if self.optim.clip_mode == "joint" else 0.0
         ours = {
             "train_micro_batch_size_per_gpu": self.train.micro_batch,
             "gradient_accumulation_steps": accumulation,
             "train_batch_size": self.train.global_batch,
-            "gradient_clipping": self.optim.grad_clip,
+            "gradient_clipping": clipping,
         }
         for key, value in ours.items():
             if key in data and data[key] != value:
                 raise ConfigError(
-                    f"{path}: {key}={data[key]} disagrees with the run configuration ({value}); "
-                    "set batch sizes and clipping in the dv3 config (train.*, optim.grad_clip) and remove them here"
+                    f"{path}: {key}={data[key]} disagrees with the run configuration ({value}); set batch sizes "
+                    "and clipping in the dv3 config (train.*, optim.grad_clip, optim.clip_mode) and remove them here"
                 )
             data[key] = value
         optimizer = data.setdefault("optimizer", {"type": "AdamW", "params": {}})
-        optimizer.setdefault("params", {}).update(
-            lr=self.optim.lr, betas=[self.optim.beta1, self.optim.beta2], eps=self.optim.eps,
-            weight_decay=self.optim.weight_decay,
-        )
+        if not isinstance(optimizer, dict) or not isinstance(optimizer.setdefault("params", {}), dict):
+            raise ConfigError(f"{path}: 'optimizer' must be a mapping with a 'params' mapping")
+        params = optimizer["params"]
+        our_params = {"lr": self.optim.lr, "betas": [self.optim.beta1, self.optim.beta2], "eps": self.optim.eps,
+                      "weight_decay": self.optim.weight_decay}
+        for key, value in our_params.items():
+            given = params.get(key, value)
+            if (list(given) if isinstance(given, list | tuple) else given) != value:
+                raise ConfigError(
+                    f"{path}: optimizer.params.{key}={params[key]} disagrees with the run configuration ({value}); "
+                    "set it in the dv3 config (optim.*) and remove it here: dv3 sets every group's values by name")
+            params[key] = value
         if not cuda_available and data.get("fp16", {}).get("enabled"):
             raise ConfigError(f"{path}: fp16 does not run on CPU; use bf16 or fp32 (ds_configs/cpu.json)")
         return data

@@ -44,10 +44,10 @@ class EnhancedMaskDecoder(nn.Module):
         encoder: DebertaV3Model,
         encoded: EncoderOutput,
         attention_mask: torch.Tensor | None,
-        selected: torch.Tensor,
+        selected_index: torch.Tensor,
         word_embedding_weight: torch.Tensor,
     ) -> torch.Tensor:
-        """Logits ``[N, vocab]`` for the ``N`` positions where ``selected`` ([B, L] bool) is true."""
+        """Logits ``[N, vocab]`` at the ``N`` flat (row-major) positions ``selected_index``."""
         hidden = encoded.last_hidden_state
         if self.enhanced:
             # Two passes of the last layer over the second-to-last layer's states; the query is
@@ -59,7 +59,7 @@ class EnhancedMaskDecoder(nn.Module):
             for _ in range(2):
                 query = last_layer(keys, attention_mask, encoded.rel_embeddings, query_states=query)
             hidden = query
-        return self.lm_head(hidden[selected], word_embedding_weight)
+        return self.lm_head(hidden.flatten(0, 1).index_select(0, selected_index), word_embedding_weight)
 
 
 class ReplacedTokenDetectionHead(nn.Module):

@@ -72,12 +72,15 @@ class MaskedLMModel(nn.Module):
     def word_embeddings(self) -> nn.Embedding:
         return self.deberta.embeddings.word_embeddings
 
-    def forward(self, input_ids, attention_mask, selected) -> torch.Tensor:
-        """MLM logits ``[N, vocab]`` at the ``selected`` positions."""
+    def forward(self, input_ids, attention_mask, selected=None, selected_index=None) -> torch.Tensor:
+        """MLM logits ``[N, vocab]`` at the positions where ``selected`` ([B, L] bool) is true, or
+        at the flat positions ``selected_index`` (no wait for the device)."""
+        if selected_index is None:
+            selected_index = flat_positions(selected)
         # The ids come from RTDModel.forward, which checked the batch once.
         encoded = self.deberta(input_ids, attention_mask, output_hidden_states=self.lm_predictions.enhanced,
                                check_inputs=False)
-        return self.lm_predictions(self.deberta, encoded, attention_mask, selected, self.word_embeddings.weight)
+        return self.lm_predictions(self.deberta, encoded, attention_mask, selected_index, self.word_embeddings.weight)
 
 
 class ReplacedTokenDetectionModel(nn.Module):
@@ -126,6 +129,12 @@ def rtd_statistics(counts: dict[str, float]) -> dict[str, float]:
     }
 
 
+def flat_positions(selected: torch.Tensor) -> torch.Tensor:
+    """The flat (row-major) indices where a ``[B, L]`` bool tensor is true, as boolean indexing
+    would visit them. On a GPU this waits for the device; the trainer computes them on the host."""
+    return selected.flatten().nonzero().squeeze(1)
+
+
 def replace_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -133,18 +142,27 @@ def replace_tokens(
     generator_logits: torch.Tensor,
     temperature: float,
     generator: torch.Generator | None = None,
+    selected_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The discriminator's input and labels.
 
-    Selected positions get a token sampled from ``softmax(logits / temperature)`` (no
-    gradient); a position is labelled replaced only if the sample differs from the original,
-    so a lucky sample counts as original. Padding is never replaced.
+    Selected positions (``selected``, or their flat indices ``selected_index``, in the order of the
+    logits' rows) get a token sampled from ``softmax(logits / temperature)`` (no gradient); a
+    position is labelled replaced only if the sample differs from the original, so a lucky sample
+    counts as original. Padding is never replaced. Non-finite logits (a diverging generator) do
+    not stop the sampling: such rows are sampled uniformly, and the step's non-finite loss makes
+    the trainer skip the update.
     """
+    if selected_index is None:
+        selected_index = flat_positions(selected)
     with torch.no_grad():
         probabilities = torch.softmax(generator_logits.detach().float() / temperature, dim=-1)
+        probabilities = torch.nan_to_num(probabilities, nan=0.0, posinf=0.0, neginf=0.0)
+        usable = probabilities.sum(dim=-1, keepdim=True) > 0
+        probabilities = torch.where(usable, probabilities, torch.ones_like(probabilities))
         sampled = torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
         discriminator_ids = input_ids.clone()
-        discriminator_ids[selected] = sampled.to(input_ids.dtype)
+        discriminator_ids.view(-1).index_copy_(0, selected_index, sampled.to(input_ids.dtype))
         labels = (discriminator_ids != input_ids) & attention_mask.bool()
     return discriminator_ids, labels
 
@@ -241,11 +259,21 @@ class RTDModel(nn.Module):
         masked_input_ids: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
         sampling_generator: torch.Generator | None = None,
+        selected_index: torch.Tensor | None = None,
+        valid_index: torch.Tensor | None = None,
+        check_inputs: bool = True,
     ) -> RTDOutput:
         """``input_ids`` are the original tokens; pass the loader's ``masked_input_ids`` and
         ``mlm_labels`` (``IGNORE_INDEX`` where not selected), or let the model mask with random
-        sample indices drawn from torch's RNG. ``attention_mask=None`` means no padding."""
-        check_token_batch(input_ids, attention_mask, self.config.vocab_size)
+        sample indices drawn from torch's RNG. ``attention_mask=None`` means no padding.
+
+        ``selected_index`` / ``valid_index``: the flat indices of the masked and of the
+        non-padding positions (``flat_positions``), when the caller has them; given, the forward
+        never waits for the device (the trainer computes them on the host from the CPU batch).
+        ``check_inputs=False`` skips the token-range check, for a caller that checked the batch.
+        """
+        if check_inputs:
+            check_token_batch(input_ids, attention_mask, self.config.vocab_size)
         input_ids = input_ids.long()
         # The encoders get None for an unpadded batch (the attention's cheaper path); losses and
         # labels need the explicit mask.
@@ -257,26 +285,36 @@ class RTDModel(nn.Module):
         if masked_input_ids is None:
             sample_indices = torch.randint(0, 2**62, (input_ids.shape[0],), generator=sampling_generator)
             masked_input_ids, mlm_labels = self.mask(input_ids, attention_mask, sample_indices)
+            selected_index = None
         elif masked_input_ids.shape != input_ids.shape or mlm_labels.shape != input_ids.shape:
             raise ValueError(
                 f"masked_input_ids {tuple(masked_input_ids.shape)} and mlm_labels {tuple(mlm_labels.shape)} "
                 f"must have the shape of input_ids {tuple(input_ids.shape)}"
             )
         selected = mlm_labels != IGNORE_INDEX
-        targets = mlm_labels[selected]
+        if selected_index is None:
+            selected_index = flat_positions(selected)
+        targets = mlm_labels.view(-1).index_select(0, selected_index)
 
-        mlm_logits = self.generator(masked_input_ids, encoder_mask, selected)
+        mlm_logits = self.generator(masked_input_ids, encoder_mask, selected_index=selected_index)
         if targets.numel() > 0:
             mlm_loss = F.cross_entropy(mlm_logits.float(), targets)
         else:  # nothing to predict: a zero that still touches the graph
             mlm_loss = mlm_logits.float().sum() * 0.0
 
         discriminator_ids, rtd_labels = replace_tokens(
-            input_ids, attention_mask, selected, mlm_logits, self.rtd.temperature, sampling_generator
+            input_ids, attention_mask, selected, mlm_logits, self.rtd.temperature, sampling_generator, selected_index
         )
         rtd_logits = self.discriminator(discriminator_ids, encoder_mask)
         valid = attention_mask.bool()
-        rtd_loss = F.binary_cross_entropy_with_logits(rtd_logits[valid].float(), rtd_labels[valid].float())
+        if encoder_mask is None:  # every position counts
+            valid_logits, valid_labels = rtd_logits.reshape(-1), rtd_labels.reshape(-1)
+        else:
+            if valid_index is None:
+                valid_index = flat_positions(valid)
+            valid_logits = rtd_logits.reshape(-1).index_select(0, valid_index)
+            valid_labels = rtd_labels.reshape(-1).index_select(0, valid_index)
+        rtd_loss = F.binary_cross_entropy_with_logits(valid_logits.float(), valid_labels.float())
         loss = mlm_loss + self.rtd.rtd_lambda * rtd_loss
 
         with torch.no_grad():

@@ -128,19 +128,6 @@ def init_process_group(env: DistributedEnv) -> None:
                                verbose=False)
 
 
-def any_rank(flag: bool) -> bool:
-    """True if ``flag`` is true on any rank (a one-element MAX all-reduce)."""
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    value = torch.tensor([1 if flag else 0], device=device, dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def rank0_value(value):
     """Rank 0's ``value`` on every rank (a picklable object; a broadcast when there are several)."""
     import torch.distributed as dist

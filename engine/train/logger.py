@@ -22,6 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from engine.model.rtd import rtd_statistics
 from engine.train import metrics
+from engine.train.clipping import ClipResult
 
 log = logging.getLogger("dv3")
 
@@ -38,8 +39,9 @@ TENSORBOARD_TAGS = {
     "model_tflops": "throughput/model_tflops_per_device", "mfu": "throughput/mfu",
     "memory_gib": "memory/peak_gib", "grad_norm": "optim/grad_norm",
 }
-# Families named per optimizer group: prefix in metrics.jsonl -> prefix in TensorBoard.
-TENSORBOARD_PREFIXES = {"lr/": "optim/lr/", "grad_norm/": "optim/grad_norm/"}
+# Families named per optimizer group or per model (generator, discriminator): prefix in
+# metrics.jsonl -> prefix in TensorBoard.
+TENSORBOARD_PREFIXES = {"lr/": "optim/lr/", "grad_norm/": "optim/grad_norm/", "clip_factor/": "optim/clip_factor/"}
 
 
 def setup_logging(rank: int) -> None:
@@ -84,9 +86,10 @@ class StepLogger:
         self.window_counts += counts
         self.window_updates += 1
 
-    def log_step(self, step: int, lrs: dict[str, float], group_grad_norms: dict[str, float],
-                 grad_norm: float) -> dict:
-        """Collective: average the window over ranks and updates, write it, start a new window."""
+    def log_step(self, step: int, lrs: dict[str, float], group_grad_norms: dict[str, float], clip: ClipResult) -> dict:
+        """Collective: average the window over ranks and updates, write it, start a new window.
+
+        Learning rates, gradient norms and clip factors are the log step's own (not averaged)."""
         totals = torch.cat([self.window_losses, self.window_counts,
                             torch.tensor([float(self.window_updates)], dtype=torch.float64, device=self.device)])
         if dist.is_initialized():
@@ -106,10 +109,11 @@ class StepLogger:
             "samples_per_s": self.global_batch / step_time,
             "model_tflops": tflops,
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
-            "grad_norm": grad_norm,
+            "grad_norm": math.sqrt(sum(norm**2 for norm in clip.norms.values())),
             "memory_gib": metrics.peak_memory_gib(),
             **{f"lr/{k}": v for k, v in lrs.items()},
-            **{f"grad_norm/{k}": v for k, v in group_grad_norms.items()},
+            **{f"grad_norm/{k}": v for k, v in {**group_grad_norms, **clip.norms}.items()},
+            **{f"clip_factor/{k}": v for k, v in clip.factors.items()},
         }
         self._write(record)
         if self.is_main:

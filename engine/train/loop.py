@@ -50,8 +50,8 @@ def pretrain(config: RunConfig) -> int:
         seed_step(train.seed, step, env.rank)
         lrs = parallel.set_learning_rates(step)
         is_log_step = (step + 1) % every.interval == 0 or step + 1 == train.steps
-        result = train_step(parallel, batches, trainer.accumulation, measure_group_norms=is_log_step,
-                            inject_nan=step in train.fail_loss_at_steps and env.rank == 0)
+        result = train_step(parallel, batches, trainer.accumulation, stop_requested=stop.signal_name is not None,
+                            measure_group_norms=is_log_step, inject_nan=step in train.fail_loss_at_steps and env.rank == 0)
         state.step += 1
         state.loader = trainer.data.loader.state_dict()
         progress.update(1)
@@ -71,12 +71,11 @@ def pretrain(config: RunConfig) -> int:
             state.nonfinite_in_a_row = 0
             logger.add(result.losses, result.counts)
             if is_log_step:
-                logger.log_step(state.step, lrs, result.group_grad_norms,
-                                float(parallel.engine.get_global_grad_norm() or 0.0))
+                logger.log_step(state.step, lrs, result.group_grad_norms, result.clip)
 
         if state.step % every.embedding_similarity_interval == 0:
             logger.log_embedding_similarity(state.step, parallel.embedding_similarities(similarity_rows))
-        stop_requested = distributed.any_rank(stop.signal_name is not None)
+        stop_requested = result.stop_requested  # agreed by every rank in the step's one all-reduce
         periodic = state.step % config.checkpoint.interval == 0 or state.step == train.steps
         # During a run of non-finite losses no periodic checkpoint is written: pruning must never
         # push the last good checkpoint out while the run may be going bad.

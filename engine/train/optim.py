@@ -16,12 +16,8 @@ every group, its ``name`` included, so after any load the names are put back by 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 from torch import nn
 
 from engine.config import OptimSection
@@ -121,24 +117,3 @@ def apply_group_settings(optimizer, settings: dict[str, GroupSettings], factor: 
         group["eps"] = eps
         lrs[name] = group["lr"]
     return lrs
-
-
-def group_gradient_norms(group_members: dict[str, list[nn.Parameter]], stage: int,
-                         device: torch.device) -> dict[str, float]:
-    """Gradient L2 norm per named group (collective under ZeRO-3; call after backward, before step).
-
-    Under ZeRO-3 each rank holds its partition's gradient, so the squares are summed over ranks.
-    """
-    squares = []
-    for members in group_members.values():
-        total = torch.zeros((), dtype=torch.float64)
-        for parameter in members:
-            grad = safe_get_local_grad(parameter) if stage == 3 else safe_get_full_grad(parameter)
-            if grad is not None:
-                total += grad.detach().double().pow(2).sum().cpu()
-        squares.append(total)
-    stacked = torch.stack(squares)
-    if stage == 3 and dist.is_initialized():
-        stacked = stacked.to(device)
-        dist.all_reduce(stacked)
-    return {name: math.sqrt(float(value)) for name, value in zip(group_members, stacked.cpu(), strict=True)}

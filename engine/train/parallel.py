@@ -17,12 +17,12 @@ from torch import nn
 from engine.config import OptimSection, RunConfig
 from engine.model import RTDModel
 from engine.train import metrics
+from engine.train.clipping import SideClipper, group_gradient_norms
 from engine.train.optim import (
     GroupSettings,
     WarmupLinearSchedule,
     apply_group_settings,
     build_param_groups,
-    group_gradient_norms,
     group_settings,
     restore_group_names,
 )
@@ -44,6 +44,7 @@ class ParallelModel:
     # The model's parameters per group, kept apart: DeepSpeed's optimizer rewrites the groups'
     # "params" (to flat fp32 partitions) and a checkpoint load replaces the group dicts.
     group_members: dict[str, list[nn.Parameter]]
+    clipper: SideClipper  # per-model gradient norms every step; the clipping in `separate` mode
 
     @property
     def model(self) -> RTDModel:
@@ -82,9 +83,12 @@ def parallelize(model: RTDModel, config: RunConfig, ds_config: dict) -> Parallel
     param_groups = build_param_groups(model, config.optim)
     group_members = {group["name"]: list(group["params"]) for group in param_groups}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
+    device = next(p.device for p in engine.module.parameters())
     parallel = ParallelModel(
         engine=engine, stage=stage, optim=config.optim, settings=group_settings(config.optim),
         schedule=WarmupLinearSchedule(config.train.steps, config.optim.warmup_steps, config.optim.min_lr_ratio),
-        group_members=group_members)
+        group_members=group_members,
+        clipper=SideClipper(group_members, stage, config.optim.grad_clip,
+                            clip_separately=config.optim.clip_mode == "separate", device=device))
     parallel.set_learning_rates(0)
     return parallel

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import RunConfig
+from engine.config import RTDConfig, RunConfig
 from engine.errors import CheckpointError, ConfigError, InputError
 from engine.model import RTDModel
 from engine.model.init_from_hf import initialize_from_hf
@@ -69,6 +69,37 @@ def resolve_resume(config: RunConfig, env: DistributedEnv) -> tuple[Path | None,
     return path, info
 
 
+# What a checkpoint written before a setting existed was trained with (dv3 0.1's behaviour).
+LEGACY_VALUES = {"optim.clip_mode": "joint"}
+# Encoder fields a resumed run may change: they do not change the model's structure.
+ADJUSTABLE_ENCODER_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def check_resumable(config: RunConfig, data: TrainingData, path: Path, saved: CheckpointInfo) -> None:
+    """A run resumes only with the model and the training it was saved with: anything else would
+    fail deep inside a state-dict load, or silently train another recipe from its weights."""
+    differences = []  # (setting, saved value, this run's value)
+    saved_encoder = saved.model.get("encoder_config", {})
+    ours = config.encoder_config(data.vocab_size).to_dict()
+    for name, value in ours.items():
+        if name not in ADJUSTABLE_ENCODER_FIELDS and name in saved_encoder and saved_encoder[name] != value:
+            differences.append((f"encoder {name}", saved_encoder[name], value))
+    saved_rtd = RTDConfig.from_dict(saved.model["rtd_config"]) if "rtd_config" in saved.model else config.rtd
+    for name in ("sharing", "generator_layers", "enhanced_mask_decoder"):
+        if getattr(saved_rtd, name) != getattr(config.rtd, name):
+            differences.append((f"rtd.{name}", getattr(saved_rtd, name), getattr(config.rtd, name)))
+    saved_clip_mode = saved.config.get("optim", {}).get("clip_mode", LEGACY_VALUES["optim.clip_mode"])
+    if saved_clip_mode != config.optim.clip_mode:
+        differences.append(("optim.clip_mode", saved_clip_mode, config.optim.clip_mode))
+    if differences:
+        listed = "; ".join(f"{name} {old!r} (this run: {new!r})" for name, old, new in differences)
+        flags = " ".join(f"--{name.replace('_', '-')} {str(old).lower() if isinstance(old, bool) else old}"
+                         for name, old, _ in differences if not name.startswith("encoder "))
+        raise CheckpointError(
+            f"resume: {path} was trained with {listed}; resume it with the settings it was trained with"
+            + (f" ({flags})" if flags else " (its run_config.json)") + ", or start a new run in another --output-dir")
+
+
 @dataclass
 class Trainer:
     """Everything a run is made of. ``build`` makes it; ``engine.train.loop`` drives it."""
@@ -108,7 +139,8 @@ class Trainer:
 
         data = open_training_data(config, rank=env.rank, world_size=env.world_size)
         log.info("data: %s", data.describe())
-        if saved is not None:  # refuse other data or another seed now, before any model is built
+        if saved is not None:  # refuse another model, other data or another seed now, before any model is built
+            check_resumable(config, data, resume_from, saved)
             with input_context(f"resume from {resume_from}: the data loader's state (resume with the run's own "
                                "data and train.seed, or start a new run)"):
                 data.loader.load_state_dict(saved.state.loader)
