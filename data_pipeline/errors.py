@@ -37,6 +37,6 @@ class ManifestError(DataPipelineError):
     """The manifest is missing, unreadable, or inconsistent with the data directory."""
 
 
-class OutputError(DataPipelineError):
+class OutputError(InputError):
     """An output cannot be written (not a directory, no permission, read-only, no space left); the
     message names the path, and files written before are left as they were."""

@@ -6,10 +6,10 @@ too). The ``dv3`` command prints any ``InputError`` on one line and exits with `
 anything else is a bug and keeps its traceback.
 """
 
-from data_pipeline.errors import ConfigError, DataPipelineError, InputError
+from data_pipeline.errors import ConfigError, DataPipelineError, InputError, OutputError
 
-__all__ = ["CheckpointError", "ConfigError", "DataPipelineError", "ExportError", "InputError", "EXIT_BAD_INPUT",
-           "EXIT_NONFINITE", "EXIT_PREEMPTED"]
+__all__ = ["CheckpointError", "ConfigError", "DataPipelineError", "ExportError", "InputError", "OutputError",
+           "EXIT_BAD_INPUT", "EXIT_NONFINITE", "EXIT_PREEMPTED"]
 
 
 class CheckpointError(InputError):

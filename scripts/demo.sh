@@ -33,7 +33,7 @@ port=$("$PY" -c "from engine.train.distributed import free_port; print(free_port
   --config configs/tiny_cpu.yaml --output-dir "$RUN" --data.dirs "$DATA" --train.steps "$STEPS" --resume auto
 
 echo "== 3/4 export: $RUN/hf (discriminator), $RUN/hf-generator"
-"$PY" -m engine.cli export --checkpoint "$RUN" --output "$RUN/hf" --generator-output "$RUN/hf-generator"
+"$PY" -m engine.cli export --checkpoint "$RUN" --output "$RUN/hf" --generator-output "$RUN/hf-generator" --overwrite
 
 echo "== 4/4 summary"
 "$PY" - "$RUN" "$start" <<'PY'

@@ -435,7 +435,7 @@ def evaluate_run(run_dir: Path, mode: str, settings: EvaluationSettings, task: T
               "held_out": held_out_quality(model, run_config, settings, progress)}
     hf_dir = run_dir / "hf"
     if task is not None:
-        export(latest, hf_dir)
+        export(latest, hf_dir, overwrite=True)  # the ablation's own folder, made again for a newer checkpoint
         runs = [finetune_once(hf_dir, task, seed, settings.finetune, progress=progress,
                               description=f"finetune {mode} seed {seed}") for seed in range(settings.finetune.seeds)]
         result["finetune"] = finetune_summary(task, runs, settings.finetune)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from engine.errors import ExportError
 
 EXPORT_DESCRIPTION = (
     "Consolidate a dv3 (ZeRO) checkpoint and write the discriminator, with E_G + E_Delta folded into its word "
     "embedding, as a Hugging Face DebertaV2Model folder with the run's tokenizer; optionally the generator as "
-    "DebertaV2ForMaskedLM.")
+    "DebertaV2ForMaskedLM. The checkpoint's files are verified against the checksums written with it first; "
+    "existing output folders are refused unless --overwrite.")
 UNIVERSAL_DESCRIPTION = (
     "Convert a ZeRO checkpoint to DeepSpeed's universal format (next to it, suffix _universal). Resume with "
     "`dv3 pretrain --resume <that folder>` at any number of ranks with the same global batch.")
@@ -22,6 +24,10 @@ def register(subparsers) -> None:
                                "RUN/checkpoints/step00001000, or a run directory (its newest complete checkpoint)")
     export_parser.add_argument("--output", required=True, help="the HF folder to write (discriminator)")
     export_parser.add_argument("--generator-output", help="also write the generator to this folder")
+    export_parser.add_argument("--overwrite", action="store_true",
+                               help="replace output folders that already hold files (refused otherwise)")
+    export_parser.add_argument("--tokenizer", type=Path, metavar="SPM_MODEL",
+                               help="the run's spm.model, for a checkpoint that does not carry its own (dv3 0.1)")
     export_parser.set_defaults(func=run_export)
 
     ckpt_parser = subparsers.add_parser("ckpt", help="checkpoint tools", description="Checkpoint tools.")
@@ -39,7 +45,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     path = checkpoint_of(args.checkpoint)
     try:
-        out = export(path, args.output, args.generator_output)
+        out = export(path, args.output, args.generator_output, overwrite=args.overwrite, tokenizer=args.tokenizer)
     except (ValueError, OSError) as error:  # DeepSpeed's consolidation and the filesystem on bad files
         raise ExportError(f"{path}: {error}") from error
     print(f"exported {path} -> {out}" + (f" (generator: {args.generator_output})" if args.generator_output else ""))

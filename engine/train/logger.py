@@ -124,6 +124,10 @@ class StepLogger:
         self._new_window()
         return record
 
+    def log_event(self, event: str, step: int, **details: str) -> None:
+        """A line of metrics.jsonl that is not a measurement (e.g. where a resumed run starts)."""
+        self._write_json({"step": step, "event": event, **details})
+
     def log_skipped(self, step: int, skipped_steps: int) -> None:
         self._scalars({"train/skipped_steps": skipped_steps}, step)
 

@@ -38,6 +38,8 @@ def pretrain(config: RunConfig) -> int:
     similarity_rows = metrics.embedding_sample_rows(model.config.vocab_size, every.embedding_sample_rows)
     if state.step == 0:
         logger.log_embedding_similarity(0, parallel.embedding_similarities(similarity_rows))
+    else:  # metrics.jsonl says where the lines of this continuation start (steps may repeat after it)
+        logger.log_event("resumed", state.step, checkpoint=str(trainer.resumed_from))
     progress = tqdm(total=train.steps, initial=state.step, desc="pretrain", unit="step", dynamic_ncols=True,
                     mininterval=1.0 if sys.stderr.isatty() else 30.0,
                     disable=not (env.is_main and every.progress_bar))
@@ -59,7 +61,7 @@ def pretrain(config: RunConfig) -> int:
             state.nonfinite_in_a_row += 1
             state.skipped_steps += 1
             log.warning("step %d: non-finite loss, update skipped (%d in a row, %d skipped in all)",
-                        step, state.nonfinite_in_a_row, state.skipped_steps)
+                        state.step, state.nonfinite_in_a_row, state.skipped_steps)
             logger.log_skipped(state.step, state.skipped_steps)
             if state.nonfinite_in_a_row >= train.max_nonfinite_in_a_row:
                 log.error("stopping: %d non-finite losses in a row (train.max_nonfinite_in_a_row). The last good "
@@ -80,7 +82,9 @@ def pretrain(config: RunConfig) -> int:
         # During a run of non-finite losses no periodic checkpoint is written: pruning must never
         # push the last good checkpoint out while the run may be going bad.
         if (periodic and state.nonfinite_in_a_row == 0) or stop_requested:
-            trainer.save_checkpoint()
+            if trainer.save_checkpoint() is None:
+                exit_code = EXIT_NONFINITE
+                break
             last_saved_step = state.step
         if stop_requested:
             log.warning("stop requested (%s): checkpoint at step %d written; exiting with %d for a requeue",
@@ -90,8 +94,13 @@ def pretrain(config: RunConfig) -> int:
 
     progress.close()
     logger.close()
-    if exit_code == 0 and last_saved_step != state.step:
-        trainer.save_checkpoint()
+    if exit_code == 0 and state.nonfinite_in_a_row > 0:
+        log.error("finished %d steps, but the last %d were skipped (non-finite losses): they are not saved, and the "
+                  "last good checkpoint is intact; resume from it with --resume auto and a lower lr, or check the data",
+                  state.step, state.nonfinite_in_a_row)
+        exit_code = EXIT_NONFINITE
+    elif exit_code == 0 and last_saved_step != state.step and trainer.save_checkpoint() is None:
+        exit_code = EXIT_NONFINITE
     if exit_code == 0 and env.is_main:
         log.info("finished %d steps; checkpoints in %s, TensorBoard logs in %s", state.step,
                  checkpoint.checkpoint_root(config.output_dir), Path(config.output_dir) / "tensorboard")

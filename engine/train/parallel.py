@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from engine.config import OptimSection, RunConfig
@@ -66,6 +67,17 @@ class ParallelModel:
 
     def group_gradient_norms(self) -> dict[str, float]:
         return group_gradient_norms(self.group_members, self.stage, self.device)
+
+    def weights_finite(self) -> bool:
+        """Collective: whether every weight is finite (each rank checks what it holds)."""
+        bad = torch.zeros((), device=self.device)
+        for parameter in self.engine.module.parameters():
+            held = parameter.ds_tensor if hasattr(parameter, "ds_tensor") else parameter.data  # ZeRO-3: the partition
+            if held.numel():
+                bad += (~torch.isfinite(held)).any().float()
+        if dist.is_initialized():
+            dist.all_reduce(bad)
+        return float(bad) == 0
 
     def embedding_similarities(self, rows: torch.Tensor) -> dict[str, float]:
         """Table 1 statistic for E_G, E_D and (GDES) E_Delta; collective under ZeRO-3."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.config import RTDConfig, RunConfig
-from engine.errors import CheckpointError, ConfigError, InputError
+from engine.errors import CheckpointError, ConfigError, InputError, OutputError
 from engine.model import RTDModel
 from engine.model.init_from_hf import initialize_from_hf
 from engine.train import checkpoint, distributed
@@ -27,7 +27,7 @@ from engine.train.checkpoint import CheckpointInfo, TrainState
 from engine.train.data import TrainingData, open_training_data
 from engine.train.distributed import DistributedEnv
 from engine.train.logger import setup_logging
-from engine.train.parallel import ParallelModel, parallelize
+from engine.train.parallel import ParallelModel, parallelize, zero_stage
 from engine.train.preemption import StopRequest
 from engine.train.step import seed_step
 
@@ -44,6 +44,14 @@ def input_context(what: str, error_class: type[InputError] = ConfigError):
         raise error_class(f"{what}: {error}") from error
 
 
+def write_run_config(config: RunConfig, output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    except OSError as error:
+        raise OutputError(f"output_dir: cannot write {output_dir}: {error.strerror or error}") from error
+
+
 def build_model(config: RunConfig, data: TrainingData) -> RTDModel:
     """The RTD model for the data's vocabulary; identical initial weights on every rank."""
     seed_step(config.train.seed, 0, 0)
@@ -54,17 +62,53 @@ def build_model(config: RunConfig, data: TrainingData) -> RTDModel:
     return model
 
 
-def resolve_resume(config: RunConfig, env: DistributedEnv) -> tuple[Path | None, CheckpointInfo | None]:
-    """The checkpoint to resume from (None: start fresh) and what it holds, checked against this world."""
-    if config.resume == "none":
+def check_output_dir(config: RunConfig) -> None:
+    """A run directory is never silently reused: without ``--resume`` it must hold no run yet."""
+    output_dir = Path(config.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir: {output_dir} is a file, not a directory; choose a run directory")
+    if config.resume != "none" or not output_dir.is_dir():
+        return
+    root = checkpoint.checkpoint_root(output_dir)
+    steps = [checkpoint.step_of(p) for p in root.iterdir() if checkpoint.step_of(p) is not None] if root.is_dir() else []
+    written = [name for name in ("metrics.jsonl", "run_config.json") if (output_dir / name).exists()]
+    if steps or written:
+        held = f"checkpoints up to step {max(steps)}" if steps else " and ".join(written)
+        raise ConfigError(f"output_dir: {output_dir} already holds a run ({held}); continue it with --resume auto, "
+                          "or start fresh in another --output-dir (or remove this one)")
+
+
+def agree_on_resume(config: RunConfig, env: DistributedEnv, stage: int) -> tuple[Path | None, CheckpointInfo | None]:
+    """Collective: the checkpoint to resume from (None: start fresh) and what it holds.
+
+    Rank 0 resolves ``--resume`` and verifies the checkpoint's files (``auto`` falls back past
+    bad ones); its choice, or its refusal, is every rank's. Ranks resolving on their own could
+    pick different steps when the folder changes in between (a lingering process of an earlier
+    job still writing) and then wait on each other forever.
+    """
+    choice = (None, None)
+    if env.is_main and config.resume != "none":
+        try:
+            path = checkpoint.resolve_resume(config.resume, config.output_dir)
+            choice = (str(path) if path is not None else None, None)
+        except CheckpointError as error:
+            choice = (None, f"resume: {error}")
+    path, refusal = distributed.rank0_value(choice)
+    if refusal is not None:
+        raise CheckpointError(refusal)
+    if path is None:
         return None, None
+    path = Path(path)
     with input_context("resume", CheckpointError):
-        path = checkpoint.resolve_resume(config.resume, config.output_dir)
-        info = CheckpointInfo.read(path) if path is not None else None
-    if (info is not None and not info.universal and info.zero_stage > 0
-            and info.world_size not in (-1, env.world_size)):
+        info = CheckpointInfo.read(path)
+    if not info.universal and info.zero_stage > 0 and info.world_size not in (-1, env.world_size):
         raise CheckpointError(f"resume: {path} was saved by {info.world_size} ranks under ZeRO stage "
                               f"{info.zero_stage}; to resume on {env.world_size}, convert it first: "
+                              f"dv3 ckpt universal --checkpoint {path}")
+    if not info.universal and info.zero_stage != stage:
+        raise CheckpointError(f"resume: {path} was saved under ZeRO stage {info.zero_stage} and "
+                              f"train.deepspeed_config={config.train.deepspeed_config} uses stage {stage}; resume "
+                              f"with a stage-{info.zero_stage} config, or convert it first: "
                               f"dv3 ckpt universal --checkpoint {path}")
     return path, info
 
@@ -118,22 +162,13 @@ class Trainer:
         env = distributed.discover()
         accumulation = config.gradient_accumulation_steps(env.world_size)  # before any process group
         ds_config = config.deepspeed_config(env.world_size, torch.cuda.is_available())
-        resume_from, saved = resolve_resume(config, env)
+        check_output_dir(config)
 
         setup_logging(env.rank)
         distributed.init_process_group(env)
         stop = StopRequest()  # from here on, SIGUSR1/SIGTERM wait for a step boundary
         stop.install()
-        # Every rank resolved `--resume` on its own; if the folder changed in between (a lingering
-        # process of an earlier job still writing), they could load different steps and then wait
-        # on each other forever. Rank 0's choice is everyone's.
-        agreed = distributed.rank0_value(resume_from)
-        if agreed != resume_from:
-            log.warning("rank %d resolved resume=%s to %s, rank 0 to %s: using rank 0's", env.rank, config.resume,
-                        resume_from, agreed)
-            resume_from = agreed
-            with input_context("resume", CheckpointError):
-                saved = CheckpointInfo.read(resume_from) if resume_from is not None else None
+        resume_from, saved = agree_on_resume(config, env, zero_stage(ds_config))
         if saved is not None and saved.universal:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
@@ -144,12 +179,10 @@ class Trainer:
             with input_context(f"resume from {resume_from}: the data loader's state (resume with the run's own "
                                "data and train.seed, or start a new run)"):
                 data.loader.load_state_dict(saved.state.loader)
-        output_dir = Path(config.output_dir)
-        if env.is_main:  # only once the data and the resume point are known good: a refused run changes nothing
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-
         model = build_model(config, data)
+        output_dir = Path(config.output_dir)
+        if env.is_main:  # only once data, model and resume point are known good: a refused run changes nothing
+            write_run_config(config, output_dir)
         parallel = parallelize(model, config, ds_config)
         log.info("model: %s discriminator %d layers, generator %d layers, %.1fM parameters; sharing=%s; "
                  "ZeRO stage %d; %d rank(s) x micro-batch %d x accumulation %d = global batch %d",
@@ -176,12 +209,17 @@ class Trainer:
         return cls(config=config, env=env, accumulation=accumulation, data=data, parallel=parallel, state=state,
                    resumed_from=resume_from, stop=stop)
 
-    def save_checkpoint(self) -> Path:
-        """Collective: every rank writes its part; rank 0 marks it complete and prunes."""
+    def save_checkpoint(self) -> Path | None:
+        """Collective: every rank writes its part; rank 0 marks it complete and prunes. A model
+        with a non-finite weight is not saved (None): it would replace good checkpoints."""
+        if not self.parallel.weights_finite():
+            log.error("step %d: the model has non-finite weights; no checkpoint written (the last one is intact)",
+                      self.state.step)
+            return None
         info = CheckpointInfo(state=self.state, model=self.parallel.model.describe(),
                               tokenizer=str(self.data.tokenizer_path), world_size=self.env.world_size,
                               zero_stage=self.parallel.stage, config=self.config.to_dict())
         path = checkpoint.save(self.parallel.engine, self.config.output_dir, info, self.config.checkpoint.keep,
-                               self.env.rank)
+                               self.env.rank, tokenizer=Path(self.data.tokenizer_path))
         log.info("checkpoint %s written", path)
         return path
