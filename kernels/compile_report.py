@@ -25,11 +25,14 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import fused  # noqa: E402
+from kernels.backward_kernels import backward_dkv_kernel, backward_dq_kernel  # noqa: E402
+from kernels.config import FUSED_HEAD_DIMS, band_rows, dot_precision  # noqa: E402
+from kernels.forward_kernel import forward_kernel  # noqa: E402
 from kernels.relative_position import slot_geometry  # noqa: E402
+from kernels.row_kernels import ROW_BLOCK, delta_kernel, edge_dots_kernel, keep_mask_kernel  # noqa: E402
 from kernels.tuning import PHASES, KernelConfig, candidate_configs  # noqa: E402
 
-KERNELS = {"forward": fused._fwd_kernel, "backward_dq": fused._bwd_dq_kernel, "backward_dkv": fused._bwd_dkv_kernel}
+KERNELS = {"forward": forward_kernel, "backward_dq": backward_dq_kernel, "backward_dkv": backward_dkv_kernel}
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -54,8 +57,8 @@ def compile_one(phase: str, config: KernelConfig, dtype: torch.dtype, head_dim: 
     }
     constants = dict(
         ROWS=geometry.rows, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BAND=fused._band(geometry, config.block_m, config.block_n), VARLEN=False, HAS_MASK=has_mask,
-        DROPOUT=dropout, DOT_PRECISION=fused._dot_precision(dtype),
+        BAND=band_rows(geometry, config.block_m, config.block_n), VARLEN=False, HAS_MASK=has_mask,
+        DROPOUT=dropout, DOT_PRECISION=dot_precision(dtype),
     )
     signature = {name: "constexpr" if name in constants else pointer_types.get(name, "i32") for name in kernel.arg_names}
     compiled = triton.compile(
@@ -88,11 +91,11 @@ def compile_helpers(dtype: torch.dtype, head_dim: int, arch: int) -> list[str]:
     """Compile the small kernels (edge dots, Delta, keep-mask); returns their names."""
     element = TRITON_TYPES[dtype]
     helpers = (
-        (fused._edge_dots_kernel, {"X": f"*{element}", "TABLE": f"*{element}", "EDGE": "*fp32"},
-         {"ROWS": 512, "HEAD_DIM": head_dim, "BLOCK_R": fused._ROW_BLOCK, "VARLEN": True}),
-        (fused._delta_kernel, {"OUT": f"*{element}", "DO": f"*{element}", "DELTA": "*fp32"},
-         {"HEAD_DIM": head_dim, "BLOCK_R": fused._ROW_BLOCK, "VARLEN": False}),
-        (fused._keep_mask_kernel, {"OUT": "*i8", "dropout_p": "fp32"}, {"BLOCK": 32}),
+        (edge_dots_kernel, {"X": f"*{element}", "TABLE": f"*{element}", "EDGE": "*fp32"},
+         {"ROWS": 512, "HEAD_DIM": head_dim, "BLOCK_R": ROW_BLOCK, "VARLEN": True}),
+        (delta_kernel, {"OUT": f"*{element}", "DO": f"*{element}", "DELTA": "*fp32"},
+         {"HEAD_DIM": head_dim, "BLOCK_R": ROW_BLOCK, "VARLEN": False}),
+        (keep_mask_kernel, {"OUT": "*i8", "dropout_p": "fp32"}, {"BLOCK": 32}),
     )
     names = []
     for kernel, types, constants in helpers:
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.compile_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    parser.add_argument("--head-dim", type=int, choices=fused.FUSED_HEAD_DIMS, default=64)
+    parser.add_argument("--head-dim", type=int, choices=FUSED_HEAD_DIMS, default=64)
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     parser.add_argument("--mask", action="store_true", help="compile the padding-mask variant")
     parser.add_argument("--dropout", action="store_true", help="compile the dropout variant")

@@ -20,33 +20,16 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from kernels.config import PHASES, KernelConfig, band_rows, interpreter_active
+
+__all__ = ["PHASES", "ConfigCache", "KernelConfig", "Tuner", "FixedTuner", "candidate_configs", "length_bucket", "tuner_for"]
+
 logger = logging.getLogger(__name__)
-
-PHASES = ("forward", "backward_dq", "backward_dkv")
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("block_m", "block_n"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {value}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"KernelConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
-        if self.num_stages < 1:
-            raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
-
 
 # The interpreter runs each program in numpy: larger tiles mean fewer Python-level steps.
 INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
@@ -202,8 +185,6 @@ class Tuner:
         self._memory: dict[str, KernelConfig] = {}
 
     def __call__(self, phase, q, layout, has_mask, dropout, geometry, launch: Callable[[KernelConfig], None]) -> KernelConfig:
-        from kernels.fused import interpreter_active
-
         if interpreter_active() or q.device.type != "cuda":
             return INTERPRETER_CONFIG
         key = tuning_key(phase, q, layout, has_mask, dropout, geometry)
@@ -220,9 +201,7 @@ class Tuner:
 
     @staticmethod
     def _search(phase, q, layout, geometry, launch) -> tuple[KernelConfig, float | None]:
-        from kernels.fused import _band
-
-        candidates = candidate_configs(phase, layout.head_dim, q.dtype, lambda m, n: _band(geometry, m, n), q.device)
+        candidates = candidate_configs(phase, layout.head_dim, q.dtype, lambda m, n: band_rows(geometry, m, n), q.device)
         if os.environ.get("DV3_KERNEL_AUTOTUNE", "1").strip() == "0":
             return candidates[0], None
         import triton.testing
