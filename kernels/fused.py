@@ -38,6 +38,9 @@ from kernels.relative_position import SlotGeometry, slot_geometry
 from kernels.row_kernels import ROW_BLOCK, delta_kernel, edge_dots_kernel, keep_mask_kernel
 from kernels.tuning import tuner_for
 
+# The attention kernels by the phase a tuner picks their config for.
+KERNELS = {"forward": forward_kernel, "backward_dq": backward_dq_kernel, "backward_dkv": backward_dkv_kernel}
+
 if interpreter_active():
     from kernels import _interpreter_compat
 
@@ -100,12 +103,15 @@ def _delta(o: torch.Tensor, do: torch.Tensor, layout: Layout) -> torch.Tensor:
     return delta
 
 
-def _common_args(layout: Layout, geometry: SlotGeometry, tokens: int, scale: float, dropout_p: float, seed: int) -> list:
-    return [
-        *layout.strides(tokens),
-        layout.max_len, layout.heads, scale, float(dropout_p), seed, layout.max_len,
-        geometry.max_distance, geometry.exact_lo, geometry.exact_hi, geometry.far_lo, geometry.far_hi,
-    ]
+def launch_scalars(layout: Layout, geometry: SlotGeometry, tokens: int, scale: float, dropout_p: float, seed: int) -> dict:
+    """The scalar arguments every attention kernel takes, by name (the compile report specialises on these)."""
+    stride_z, stride_h, stride_l, row_stride_z, row_stride_h = layout.strides(tokens)
+    return dict(
+        stride_z=stride_z, stride_h=stride_h, stride_l=stride_l, row_stride_z=row_stride_z, row_stride_h=row_stride_h,
+        seq_len=layout.max_len, num_heads=layout.heads, sm_scale=float(scale), dropout_p=float(dropout_p), seed=seed,
+        rng_len=layout.max_len, max_distance=geometry.max_distance, exact_lo=geometry.exact_lo,
+        exact_hi=geometry.exact_hi, far_lo=geometry.far_lo, far_hi=geometry.far_hi,
+    )
 
 
 def backward_programs(items: int, heads: int, device: torch.device) -> int:
@@ -139,7 +145,7 @@ def _forward(q, k, v, rel_key, rel_query, mask, cu, layout, geometry, scale, dro
         grid = (triton.cdiv(layout.max_len, config.block_m), layout.sequences * layout.heads)
         forward_kernel[grid](
             q, k, v, rel_key, rel_query, edge_q, edge_k, mask_arg, cu_arg, slot, o, lse,
-            *_common_args(layout, geometry, tokens, scale, dropout_p, seed),
+            **launch_scalars(layout, geometry, tokens, scale, dropout_p, seed),
             ROWS=geometry.rows, HEAD_DIM=layout.head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             BAND=band, VARLEN=layout.varlen, HAS_MASK=mask is not None, DROPOUT=dropout_p > 0.0,
             DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
@@ -160,7 +166,7 @@ def _backward(q, k, v, rel_key, rel_query, mask, cu, o, lse, do, layout, geometr
     mask_arg = mask if mask is not None else dummy
     cu_arg = cu if cu is not None else dummy
     rows, head_dim = geometry.rows, layout.head_dim
-    common = _common_args(layout, geometry, tokens, scale, dropout_p, seed)
+    common = launch_scalars(layout, geometry, tokens, scale, dropout_p, seed)
     flags = dict(
         ROWS=rows, HEAD_DIM=head_dim, VARLEN=layout.varlen, HAS_MASK=mask is not None,
         DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype),
@@ -179,7 +185,7 @@ def _backward(q, k, v, rel_key, rel_query, mask, cu, o, lse, do, layout, geometr
         part = torch.zeros(heads * programs, rows, head_dim, device=q.device, dtype=torch.float32)
         backward_dq_kernel[(programs, heads)](
             q, k, v, rel_key, rel_query, edge_q, edge_k, mask_arg, cu_arg, slot, first, last, do, lse, delta, dq, part,
-            *common, items, blocks,
+            **common, items=items, blocks=blocks,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BAND=band_rows(geometry, config.block_m, config.block_n),
             num_warps=config.num_warps, num_stages=config.num_stages, **flags,
         )
@@ -193,7 +199,7 @@ def _backward(q, k, v, rel_key, rel_query, mask, cu, o, lse, do, layout, geometr
         part = torch.zeros(heads * programs, rows, head_dim, device=q.device, dtype=torch.float32)
         backward_dkv_kernel[(programs, heads)](
             q, k, v, rel_key, rel_query, edge_q, edge_k, mask_arg, cu_arg, slot, first, last, do, lse, delta, dk, dv, part,
-            *common, items, blocks,
+            **common, items=items, blocks=blocks,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BAND=band_rows(geometry, config.block_m, config.block_n),
             num_warps=config.num_warps, num_stages=config.num_stages, **flags,
         )
