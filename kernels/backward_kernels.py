@@ -36,8 +36,9 @@ from kernels.tiles import (
 @triton.jit
 def tile_grad(
     q, k, v, do, lse, delta, bias, col_ok, row_valid, key_valid, sm_scale,
-    seed, rng_stream, rng_len, rows, cols, dropout_p,
+    seed, rng_stream, rng_len, rows, j0, dropout_p,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Recompute P of one tile and return (G = dS * scale, P after dropout) in fp32."""
     qk_scale = sm_scale * 1.4426950408889634
@@ -46,7 +47,7 @@ def tile_grad(
     p = tl.exp2(s2 - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = keep_mask(seed, rng_stream, rows, cols, rng_len, dropout_p)
+        keep = keep_mask(seed, rng_stream, rows, j0, rng_len, dropout_p, BLOCK_M, BLOCK_N)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
     else:
@@ -64,10 +65,11 @@ def tile_grad(
 
 
 @triton.jit
-def _bwd_dq_tile(
+def dq_tile(
     dq, q, do, lse, delta, k, V, base, j0, offs_n, offs_d, n_len, stride_l, bias,
     row_valid, MASK, mask_base, sm_scale, seed, rng_stream, rng_len, offs_m, dropout_p,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     cols = j0 + offs_n
     col_ok = cols < n_len
@@ -77,7 +79,7 @@ def _bwd_dq_tile(
         key_valid = tl.load(MASK + mask_base + cols, mask=col_ok, other=0) != 0
     g, _ = tile_grad(
         q, k, v, do, lse, delta, bias, col_ok, row_valid, key_valid, sm_scale,
-        seed, rng_stream, rng_len, offs_m, cols, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
+        seed, rng_stream, rng_len, offs_m, j0, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
     )
     dq += tl.dot(g.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq, g
@@ -127,10 +129,10 @@ def _bwd_dq_block(
         j0 = kb * BLOCK_N
         p2c = tl.load(EDGE_K + (row_base + j0 + offs_n) * 2 + 1, mask=j0 + offs_n < n_len, other=0.0)
         k = load_rows(K, base, j0 + offs_n, n_len, stride_l, offs_d)
-        dq, g = _bwd_dq_tile(
+        dq, g = dq_tile(
             dq, q, do, lse, delta, k, V, base, j0, offs_n, offs_d, n_len, stride_l,
             c2p_hi[:, None] + p2c[None, :], row_valid, MASK, mask_base, sm_scale, seed, rng_stream, rng_len,
-            offs_m, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
+            offs_m, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
         )
         g_hi += tl.sum(g, 1)
     for kb in range(kb_band, kb_far_lo):
@@ -139,10 +141,10 @@ def _bwd_dq_block(
         k = load_rows(K, base, j0 + offs_n, n_len, stride_l, offs_d)
         kr_band = load_band(kr, s_lo, offs_d, ROWS, HEAD_DIM, BAND)
         bias = band_bias(q, k, kr_band, load_band(qr, s_lo, offs_d, ROWS, HEAD_DIM, BAND), index, DOT_PRECISION)
-        dq, g = _bwd_dq_tile(
+        dq, g = dq_tile(
             dq, q, do, lse, delta, k, V, base, j0, offs_n, offs_d, n_len, stride_l, bias,
             row_valid, MASK, mask_base, sm_scale, seed, rng_stream, rng_len, offs_m, dropout_p,
-            HAS_MASK, DROPOUT, DOT_PRECISION,
+            HAS_MASK, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
         )
         d_c2p = rows_to_slots(g, i0, j0, s_lo, is_shift, FIRST, LAST, ROWS, BLOCK_M, BLOCK_N, BAND)
         dq += tl.dot(d_c2p.to(q.dtype), kr_band, input_precision=DOT_PRECISION)
@@ -152,10 +154,10 @@ def _bwd_dq_block(
         j0 = kb * BLOCK_N
         p2c = tl.load(EDGE_K + (row_base + j0 + offs_n) * 2, mask=j0 + offs_n < n_len, other=0.0)
         k = load_rows(K, base, j0 + offs_n, n_len, stride_l, offs_d)
-        dq, g = _bwd_dq_tile(
+        dq, g = dq_tile(
             dq, q, do, lse, delta, k, V, base, j0, offs_n, offs_d, n_len, stride_l,
             c2p_lo[:, None] + p2c[None, :], row_valid, MASK, mask_base, sm_scale, seed, rng_stream, rng_len,
-            offs_m, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
+            offs_m, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
         )
         g_lo += tl.sum(g, 1)
 
@@ -175,10 +177,11 @@ def _bwd_dq_block(
 
 
 @triton.jit
-def _bwd_dkv_tile(
+def dkv_tile(
     dk, dv, q, k, v, DO, LSE, DELTA, MASK, base, row_base, mask_base, i0, offs_m_local, offs_d,
-    cols, col_ok, key_valid, n_len, stride_l, bias, sm_scale, seed, rng_stream, rng_len, dropout_p,
+    j0, cols, col_ok, key_valid, n_len, stride_l, bias, sm_scale, seed, rng_stream, rng_len, dropout_p,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = i0 + offs_m_local
     row_ok = rows < n_len
@@ -190,7 +193,7 @@ def _bwd_dkv_tile(
         row_valid = tl.load(MASK + mask_base + rows, mask=row_ok, other=0) != 0
     g, p_dropped = tile_grad(
         q, k, v, do, lse, delta, bias, col_ok, row_valid, key_valid, sm_scale,
-        seed, rng_stream, rng_len, rows, cols, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
+        seed, rng_stream, rng_len, rows, j0, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
     )
     dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=DOT_PRECISION)
     dk += tl.dot(tl.trans(g.to(q.dtype)), q, input_precision=DOT_PRECISION)
@@ -241,10 +244,10 @@ def _bwd_dkv_block(
         i0 = qb * BLOCK_M
         c2p = tl.load(EDGE_Q + (row_base + i0 + offs_m) * 2, mask=i0 + offs_m < n_len, other=0.0)
         q = load_rows(Q, base, i0 + offs_m, n_len, stride_l, offs_d)
-        dk, dv, g = _bwd_dkv_tile(
+        dk, dv, g = dkv_tile(
             dk, dv, q, k, v, DO, LSE, DELTA, MASK, base, row_base, mask_base, i0, offs_m, offs_d,
-            cols, col_ok, key_valid, n_len, stride_l, c2p[:, None] + p2c_lo[None, :], sm_scale,
-            seed, rng_stream, rng_len, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
+            j0, cols, col_ok, key_valid, n_len, stride_l, c2p[:, None] + p2c_lo[None, :], sm_scale,
+            seed, rng_stream, rng_len, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
         )
         g_lo += tl.sum(g, 0)
     for qb in range(qb_band, qb_far_hi):
@@ -253,10 +256,10 @@ def _bwd_dkv_block(
         q = load_rows(Q, base, i0 + offs_m, n_len, stride_l, offs_d)
         qr_band = load_band(qr, s_lo, offs_d, ROWS, HEAD_DIM, BAND)
         bias = band_bias(q, k, load_band(kr, s_lo, offs_d, ROWS, HEAD_DIM, BAND), qr_band, index, DOT_PRECISION)
-        dk, dv, g = _bwd_dkv_tile(
+        dk, dv, g = dkv_tile(
             dk, dv, q, k, v, DO, LSE, DELTA, MASK, base, row_base, mask_base, i0, offs_m, offs_d,
-            cols, col_ok, key_valid, n_len, stride_l, bias, sm_scale,
-            seed, rng_stream, rng_len, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
+            j0, cols, col_ok, key_valid, n_len, stride_l, bias, sm_scale,
+            seed, rng_stream, rng_len, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
         )
         d_p2c = cols_to_slots(g, i0, j0, s_lo, is_shift, FIRST, LAST, ROWS, BLOCK_M, BLOCK_N, BAND)
         dk += tl.dot(tl.trans(d_p2c.to(k.dtype)), qr_band, input_precision=DOT_PRECISION)
@@ -266,10 +269,10 @@ def _bwd_dkv_block(
         i0 = qb * BLOCK_M
         c2p = tl.load(EDGE_Q + (row_base + i0 + offs_m) * 2 + 1, mask=i0 + offs_m < n_len, other=0.0)
         q = load_rows(Q, base, i0 + offs_m, n_len, stride_l, offs_d)
-        dk, dv, g = _bwd_dkv_tile(
+        dk, dv, g = dkv_tile(
             dk, dv, q, k, v, DO, LSE, DELTA, MASK, base, row_base, mask_base, i0, offs_m, offs_d,
-            cols, col_ok, key_valid, n_len, stride_l, c2p[:, None] + p2c_hi[None, :], sm_scale,
-            seed, rng_stream, rng_len, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION,
+            j0, cols, col_ok, key_valid, n_len, stride_l, c2p[:, None] + p2c_hi[None, :], sm_scale,
+            seed, rng_stream, rng_len, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
         )
         g_hi += tl.sum(g, 0)
 

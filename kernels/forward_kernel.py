@@ -20,6 +20,7 @@ def _fwd_tile(
     acc, m_i, l_i, q, k, V, kv_base, j0, offs_n, offs_d, n_len, stride_l, bias,
     row_valid, MASK, mask_base, qk_scale, seed, rng_stream, rng_len, offs_m, dropout_p,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     cols = j0 + offs_n
     col_ok = cols < n_len
@@ -34,7 +35,7 @@ def _fwd_tile(
     p = tl.exp2(s2 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        keep = keep_mask(seed, rng_stream, offs_m, cols, rng_len, dropout_p)
+        keep = keep_mask(seed, rng_stream, offs_m, j0, rng_len, dropout_p, BLOCK_M, BLOCK_N)
         p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
@@ -50,8 +51,10 @@ def forward_kernel(
     BAND: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    zh = tl.program_id(1)
+    # One grid axis: (sequence x head) blocks of query rows can outnumber the 65,535 a second axis allows.
+    q_blocks = tl.cdiv(seq_len, BLOCK_M)
+    pid_m = tl.program_id(0) % q_blocks
+    zh = tl.program_id(0) // q_blocks
     z = zh // num_heads
     h = zh % num_heads
     start, n_len = sequence_span(CU, z, seq_len, VARLEN)
@@ -94,7 +97,7 @@ def forward_kernel(
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, k, V, base, j0, offs_n, offs_d, n_len, stride_l, bias,
             row_valid, MASK, mask_base, qk_scale, seed, rng_stream, rng_len, offs_m, dropout_p,
-            HAS_MASK, DROPOUT, DOT_PRECISION,
+            HAS_MASK, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
         )
     for kb in range(kb_band, kb_far_lo):
         j0 = kb * BLOCK_N
@@ -107,7 +110,7 @@ def forward_kernel(
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, k, V, base, j0, offs_n, offs_d, n_len, stride_l, bias,
             row_valid, MASK, mask_base, qk_scale, seed, rng_stream, rng_len, offs_m, dropout_p,
-            HAS_MASK, DROPOUT, DOT_PRECISION,
+            HAS_MASK, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
         )
     for kb in range(kb_far_lo, n_kb):
         j0 = kb * BLOCK_N
@@ -117,7 +120,7 @@ def forward_kernel(
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, k, V, base, j0, offs_n, offs_d, n_len, stride_l, bias,
             row_valid, MASK, mask_base, qk_scale, seed, rng_stream, rng_len, offs_m, dropout_p,
-            HAS_MASK, DROPOUT, DOT_PRECISION,
+            HAS_MASK, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
         )
 
     out = acc / l_i[:, None]

@@ -114,6 +114,11 @@ def launch_scalars(layout: Layout, geometry: SlotGeometry, tokens: int, scale: f
     )
 
 
+def forward_grid(layout: Layout, config: KernelConfig) -> tuple[int]:
+    """One program per (query block, sequence, head), all on grid axis 0 (up to 2**31 - 1; axes 1 and 2 stop at 65,535)."""
+    return (triton.cdiv(layout.max_len, config.block_m) * layout.sequences * layout.heads,)
+
+
 def backward_programs(items: int, heads: int, device: torch.device) -> int:
     """Programs per head of a backward pass: about 8 per multiprocessor in all.
 
@@ -142,7 +147,7 @@ def _forward(q, k, v, rel_key, rel_query, mask, cu, layout, geometry, scale, dro
 
     def launch(config, o=o, lse=lse):
         band = band_rows(geometry, config.block_m, config.block_n)
-        grid = (triton.cdiv(layout.max_len, config.block_m), layout.sequences * layout.heads)
+        grid = forward_grid(layout, config)
         forward_kernel[grid](
             q, k, v, rel_key, rel_query, edge_q, edge_k, mask_arg, cu_arg, slot, o, lse,
             **launch_scalars(layout, geometry, tokens, scale, dropout_p, seed),
@@ -264,9 +269,9 @@ def _draw_seed(dropout_p: float) -> int:
 def _check_dropout(dropout_p: float, length: int) -> None:
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0.0 and length * length >= 2**31:
-        # The Philox counter i * L + j is 32 bits wide.
-        raise ValueError(f"attention dropout supports sequences up to 46340 tokens, got length {length}")
+    if dropout_p > 0.0 and length * ((length + 3) // 4) >= 2**31:
+        # The Philox counter i * ceil(L / 4) + j // 4 is computed in 32 bits.
+        raise ValueError(f"attention dropout supports sequences up to 92681 tokens, got length {length}")
 
 
 def fused_disentangled_attention(

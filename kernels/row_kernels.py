@@ -20,8 +20,9 @@ def keep_mask_kernel(OUT, seed, dropout_p, rng_len, BLOCK: tl.constexpr):
     # (sequence x head) on the first grid axis: the only one not limited to 65,535.
     zh = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
-    keep = keep_mask(seed, zh, rows, cols, rng_len, dropout_p)
+    j0 = tl.program_id(2) * BLOCK
+    cols = j0 + tl.arange(0, BLOCK)
+    keep = keep_mask(seed, zh, rows, j0, rng_len, dropout_p, BLOCK, BLOCK)
     ok = (rows < rng_len)[:, None] & (cols < rng_len)[None, :]
     offsets = zh.to(tl.int64) * rng_len * rng_len + rows.to(tl.int64)[:, None] * rng_len + cols[None, :]
     tl.store(OUT + offsets, keep.to(tl.int8), mask=ok)

@@ -14,13 +14,20 @@ import triton.language as tl
 
 
 @triton.jit
-def keep_mask(seed, zh, offs_m, offs_n, rng_len, dropout_p):
-    # Philox on two 32-bit counters: (i * Lr + j, sequence * heads + head). Unique for any
-    # B*H*L*L (which overflows int32 at long L) without [M, N] int64 tensors in registers.
-    within = (offs_m[:, None] * rng_len + offs_n[None, :]).to(tl.uint32)
-    zero = within * 0
-    which = (zero + zh).to(tl.uint32)
-    bits, _, _, _ = tl.random.philox(seed, within, which, zero, zero)
+def keep_mask(seed, zh, rows, j0, rng_len, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dropout keep-mask of the tile ``rows x [j0, j0 + BLOCK_N)`` (``j0`` a multiple of 4).
+
+    One Philox call gives four 32-bit draws: columns ``4c .. 4c + 3`` of row ``i`` share the
+    counters ``(i * ceil(Lr / 4) + c, sequence * heads + head)``. The mask of an element depends
+    on its position only, never on the tile shape, so every pass and every variant draws the same.
+    """
+    quads = j0 // 4 + tl.arange(0, BLOCK_N // 4)
+    counter = (rows[:, None] * ((rng_len + 3) // 4) + quads[None, :]).to(tl.uint32)
+    zero = counter * 0
+    stream = (zero + zh).to(tl.uint32)
+    r0, r1, r2, r3 = tl.random.philox(seed, counter, stream, zero, zero)
+    # [M, N/4, 2, 2] -> [M, N]: column 4c + k takes draw k of call c.
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK_M, BLOCK_N])
     return tl.random.uint_to_uniform_float(bits) >= dropout_p
 
 
