@@ -164,7 +164,7 @@ def attention_launches(dtype: torch.dtype, head_dim: int, has_mask: bool, dropou
     scalars.update(items=1000, blocks=8)  # per-launch counts (not specialised on)
     launches = []
     for phase, kernel in fused.KERNELS.items():
-        for config in candidate_configs(phase, head_dim, dtype, lambda m, n: band_rows(geometry, m, n), "cpu"):
+        for config in candidate_configs(phase, head_dim, dtype):
             constants = dict(
                 ROWS=geometry.rows, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                 BAND=band_rows(geometry, config.block_m, config.block_n), VARLEN=False, HAS_MASK=has_mask,

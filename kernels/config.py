@@ -17,8 +17,19 @@ from kernels.relative_position import SlotGeometry
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_HEAD_DIMS = (32, 64, 128)
 
-# The kernel launches a tuner picks a config for, one key each.
-PHASES = ("forward", "backward_dq", "backward_dkv")
+# The kernel launches a tuner picks a config for, one key each. The backward has two variants:
+# "slices" (backward_dq, backward_dkv: programs own [2k, D] partial slices, read-modify-write per
+# band tile) and "split" (band and far kernels per pass, slot gradients stored once and folded).
+PHASES = (
+    "forward",
+    "backward_dq",
+    "backward_dkv",
+    "backward_band_dq",
+    "backward_far_dq",
+    "backward_band_dkv",
+    "backward_far_dkv",
+)
+BACKWARD_VARIANTS = ("slices", "split")
 
 
 def interpreter_active() -> bool:
@@ -66,6 +77,12 @@ class Layout:
         if self.varlen:
             return 0, d, h * d, 0, tokens
         return h * length * d, length * d, d, h * length, length
+
+    def head_major_strides(self, tokens: int) -> tuple[int, int]:
+        """(stride_z, stride_h) of head-major per-row buffers ``[H, rows, ...]``: ``[H, Z*L]`` padded, ``[H, T]`` packed."""
+        if self.varlen:
+            return 0, tokens
+        return self.max_len, self.sequences * self.max_len
 
 
 def band_rows(geometry: SlotGeometry, block_m: int, block_n: int) -> int:

@@ -24,6 +24,7 @@ import torch
 import triton
 
 from kernels.backward_kernels import backward_dkv_kernel, backward_dq_kernel
+from kernels.backward_split_kernels import band_dkv_kernel, band_dq_kernel, far_dkv_kernel, far_dq_kernel
 from kernels.config import (
     FUSED_DTYPES,
     FUSED_HEAD_DIMS,
@@ -39,7 +40,15 @@ from kernels.row_kernels import ROW_BLOCK, delta_kernel, edge_dots_kernel, keep_
 from kernels.tuning import tuner_for
 
 # The attention kernels by the phase a tuner picks their config for.
-KERNELS = {"forward": forward_kernel, "backward_dq": backward_dq_kernel, "backward_dkv": backward_dkv_kernel}
+KERNELS = {
+    "forward": forward_kernel,
+    "backward_dq": backward_dq_kernel,
+    "backward_dkv": backward_dkv_kernel,
+    "backward_band_dq": band_dq_kernel,
+    "backward_far_dq": far_dq_kernel,
+    "backward_band_dkv": band_dkv_kernel,
+    "backward_far_dkv": far_dkv_kernel,
+}
 
 if interpreter_active():
     from kernels import _interpreter_compat
@@ -106,17 +115,24 @@ def _delta(o: torch.Tensor, do: torch.Tensor, layout: Layout) -> torch.Tensor:
 def launch_scalars(layout: Layout, geometry: SlotGeometry, tokens: int, scale: float, dropout_p: float, seed: int) -> dict:
     """The scalar arguments every attention kernel takes, by name (the compile report specialises on these)."""
     stride_z, stride_h, stride_l, row_stride_z, row_stride_h = layout.strides(tokens)
+    head_stride_z, head_stride_h = layout.head_major_strides(tokens)
     return dict(
         stride_z=stride_z, stride_h=stride_h, stride_l=stride_l, row_stride_z=row_stride_z, row_stride_h=row_stride_h,
         seq_len=layout.max_len, num_heads=layout.heads, sm_scale=float(scale), dropout_p=float(dropout_p), seed=seed,
         rng_len=layout.max_len, max_distance=geometry.max_distance, exact_lo=geometry.exact_lo,
         exact_hi=geometry.exact_hi, far_lo=geometry.far_lo, far_hi=geometry.far_hi,
+        head_stride_z=head_stride_z, head_stride_h=head_stride_h,
     )
 
 
 def forward_grid(layout: Layout, config: KernelConfig) -> tuple[int]:
     """One program per (query block, sequence, head), all on grid axis 0 (up to 2**31 - 1; axes 1 and 2 stop at 65,535)."""
     return (triton.cdiv(layout.max_len, config.block_m) * layout.sequences * layout.heads,)
+
+
+def key_grid(layout: Layout, config: KernelConfig) -> tuple[int]:
+    """One program per (key block, sequence, head), on grid axis 0."""
+    return (triton.cdiv(layout.max_len, config.block_n) * layout.sequences * layout.heads,)
 
 
 def backward_programs(items: int, heads: int, device: torch.device) -> int:
@@ -161,60 +177,154 @@ def _forward(q, k, v, rel_key, rel_query, mask, cu, layout, geometry, scale, dro
     return o, lse
 
 
-def _backward(q, k, v, rel_key, rel_query, mask, cu, o, lse, do, layout, geometry, scale, dropout_p, seed, tuner):
-    tokens = q.shape[0] if layout.varlen else 0
-    delta = _delta(o, do, layout)
-    edge_q = _edge_dots(q, rel_key, layout)
-    edge_k = _edge_dots(k, rel_query, layout)
-    slot, first, last = geometry.to(q.device)
-    dummy = slot
-    mask_arg = mask if mask is not None else dummy
-    cu_arg = cu if cu is not None else dummy
-    rows, head_dim = geometry.rows, layout.head_dim
-    common = launch_scalars(layout, geometry, tokens, scale, dropout_p, seed)
-    flags = dict(
-        ROWS=rows, HEAD_DIM=head_dim, VARLEN=layout.varlen, HAS_MASK=mask is not None,
-        DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype),
-    )
-    dq = _output_like(q)
-    dk = _output_like(k)
-    dv = _output_like(v)
+class _BackwardInputs:
+    """What both backward variants read: the saved tensors, the per-row vectors, the launch flags."""
+
+    def __init__(self, q, k, v, rel_key, rel_query, mask, cu, o, lse, do, layout, geometry, scale, dropout_p, seed):
+        self.q, self.k, self.v, self.rel_key, self.rel_query = q, k, v, rel_key, rel_query
+        self.do, self.lse, self.layout, self.geometry = do, lse, layout, geometry
+        self.tokens = q.shape[0] if layout.varlen else 0
+        self.delta = _delta(o, do, layout)
+        self.edge_q = _edge_dots(q, rel_key, layout)
+        self.edge_k = _edge_dots(k, rel_query, layout)
+        self.slot, self.first, self.last = geometry.to(q.device)
+        self.mask = mask if mask is not None else self.slot  # a dummy pointer when unused
+        self.cu = cu if cu is not None else self.slot
+        self.has_mask, self.dropout = mask is not None, dropout_p > 0.0
+        self.scalars = launch_scalars(layout, geometry, self.tokens, scale, dropout_p, seed)
+        self.flags = dict(
+            ROWS=geometry.rows, HEAD_DIM=layout.head_dim, VARLEN=layout.varlen, HAS_MASK=mask is not None,
+            DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype),
+        )
+
+    def tune(self, tuner, phase: str, launch) -> KernelConfig:
+        return tuner(phase, self.q, self.layout, self.has_mask, self.dropout, self.geometry, launch)
+
+
+def _backward_slices(x: _BackwardInputs, tuner) -> tuple[torch.Tensor, ...]:
+    """The first backward: two passes whose programs own ``[2k, D]`` fp32 partial slices."""
+    q, layout, geometry = x.q, x.layout, x.geometry
+    rows, head_dim, heads = geometry.rows, layout.head_dim, layout.heads
+    dq, dk, dv = _output_like(q), _output_like(x.k), _output_like(x.v)
     results: dict[str, torch.Tensor] = {}
 
-    heads = layout.heads
-
-    def launch_dq(config, dq=dq, keep: bool = False):
+    def launch_dq(config, keep: bool = False):
         blocks = triton.cdiv(layout.max_len, config.block_m)
         items = layout.sequences * blocks
         programs = backward_programs(items, heads, q.device)
         part = torch.zeros(heads * programs, rows, head_dim, device=q.device, dtype=torch.float32)
         backward_dq_kernel[(programs, heads)](
-            q, k, v, rel_key, rel_query, edge_q, edge_k, mask_arg, cu_arg, slot, first, last, do, lse, delta, dq, part,
-            **common, items=items, blocks=blocks,
+            q, x.k, x.v, x.rel_key, x.rel_query, x.edge_q, x.edge_k, x.mask, x.cu, x.slot, x.first, x.last,
+            x.do, x.lse, x.delta, dq, part, **x.scalars, items=items, blocks=blocks,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BAND=band_rows(geometry, config.block_m, config.block_n),
-            num_warps=config.num_warps, num_stages=config.num_stages, **flags,
+            num_warps=config.num_warps, num_stages=config.num_stages, **x.flags,
         )
         if keep:
             results["d_rel_key"] = part.view(heads, programs, rows, head_dim).sum(1)
 
-    def launch_dkv(config, dk=dk, dv=dv, keep: bool = False):
+    def launch_dkv(config, keep: bool = False):
         blocks = triton.cdiv(layout.max_len, config.block_n)
         items = layout.sequences * blocks
         programs = backward_programs(items, heads, q.device)
         part = torch.zeros(heads * programs, rows, head_dim, device=q.device, dtype=torch.float32)
         backward_dkv_kernel[(programs, heads)](
-            q, k, v, rel_key, rel_query, edge_q, edge_k, mask_arg, cu_arg, slot, first, last, do, lse, delta, dk, dv, part,
-            **common, items=items, blocks=blocks,
+            q, x.k, x.v, x.rel_key, x.rel_query, x.edge_q, x.edge_k, x.mask, x.cu, x.slot, x.first, x.last,
+            x.do, x.lse, x.delta, dk, dv, part, **x.scalars, items=items, blocks=blocks,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BAND=band_rows(geometry, config.block_m, config.block_n),
-            num_warps=config.num_warps, num_stages=config.num_stages, **flags,
+            num_warps=config.num_warps, num_stages=config.num_stages, **x.flags,
         )
         if keep:
             results["d_rel_query"] = part.view(heads, programs, rows, head_dim).sum(1)
 
-    has_mask, dropout = mask is not None, dropout_p > 0.0
-    launch_dq(tuner("backward_dq", q, layout, has_mask, dropout, geometry, launch_dq), keep=True)
-    launch_dkv(tuner("backward_dkv", q, layout, has_mask, dropout, geometry, launch_dkv), keep=True)
-    return dq, dk, dv, results["d_rel_key"].to(rel_key.dtype), results["d_rel_query"].to(rel_query.dtype)
+    launch_dq(x.tune(tuner, "backward_dq", launch_dq), keep=True)
+    launch_dkv(x.tune(tuner, "backward_dkv", launch_dkv), keep=True)
+    return dq, dk, dv, results["d_rel_key"].to(x.rel_key.dtype), results["d_rel_query"].to(x.rel_query.dtype)
+
+
+def _per_head(t: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``[H, rows, D]``: padded ``[Z, H, L, D]`` or packed ``[T, H, D]`` rows grouped by head (the fold's operand)."""
+    if layout.varlen:
+        return t.transpose(0, 1)
+    return t.transpose(0, 1).reshape(layout.heads, -1, layout.head_dim)
+
+
+def _fold(slot_grad: torch.Tensor, edge_grad: torch.Tensor, rows_by_head: torch.Tensor) -> torch.Tensor:
+    """``d(table)[h] = slot_grad[h]^T rows[h]``, plus the far pairs' edge-slot sums: ``[H, 2k, D]`` fp32.
+
+    One batched matmul (deterministic, fp32 accumulation) in place of per-tile read-modify-writes.
+    """
+    folded = torch.bmm(slot_grad.transpose(1, 2), rows_by_head).float()
+    edges = torch.bmm(edge_grad.transpose(1, 2), rows_by_head.float())  # [H, 2, D]: slot 0, last slot
+    folded[:, 0] += edges[:, 0]
+    folded[:, -1] += edges[:, 1]
+    return folded
+
+
+def _backward_split(x: _BackwardInputs, tuner) -> tuple[torch.Tensor, ...]:
+    """The Hopper backward: band kernels store slot-space gradients once, far kernels are plain flash attention."""
+    q, layout, geometry = x.q, x.layout, x.geometry
+    heads = layout.heads
+    rows_per_head = x.tokens if layout.varlen else layout.sequences * layout.max_len
+    # dC2P, then dP2C: in the input dtype, like the P and dS tiles that feed the kernels' dots.
+    slot_grad = torch.zeros(heads, rows_per_head, geometry.rows, device=q.device, dtype=q.dtype)
+    edge_grad = _output((heads, rows_per_head, 2), q.device)
+    dq_acc = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+    dq, dk, dv = _output_like(q), _output_like(x.k), _output_like(x.v)
+    far_scalars = {name: x.scalars[name] for name in x.scalars if name not in ("max_distance", "exact_lo", "exact_hi")}
+
+    def launch_band_dq(config):
+        band_dq_kernel[forward_grid(layout, config)](
+            q, x.k, x.v, x.rel_key, x.rel_query, x.mask, x.cu, x.slot, x.first, x.last, x.do, x.lse, x.delta,
+            dq_acc, slot_grad, **x.scalars,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BAND=band_rows(geometry, config.block_m, config.block_n),
+            num_warps=config.num_warps, num_stages=config.num_stages, **x.flags,
+        )
+
+    def launch_far_dq(config):
+        far_dq_kernel[forward_grid(layout, config)](
+            q, x.k, x.v, x.rel_key, x.edge_q, x.edge_k, x.mask, x.cu, x.do, x.lse, x.delta, dq_acc, dq, edge_grad,
+            **far_scalars, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            num_warps=config.num_warps, num_stages=config.num_stages, **x.flags,
+        )
+
+    launch_band_dq(x.tune(tuner, "backward_band_dq", launch_band_dq))
+    launch_far_dq(x.tune(tuner, "backward_far_dq", launch_far_dq))
+    d_rel_key = _fold(slot_grad, edge_grad, _per_head(q, layout))
+
+    slot_grad.zero_()
+    dk_acc = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+    dv_acc = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+
+    def launch_band_dkv(config):
+        band_dkv_kernel[key_grid(layout, config)](
+            q, x.k, x.v, x.rel_key, x.rel_query, x.mask, x.cu, x.slot, x.first, x.last, x.do, x.lse, x.delta,
+            dk_acc, dv_acc, slot_grad, **x.scalars,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BAND=band_rows(geometry, config.block_m, config.block_n),
+            num_warps=config.num_warps, num_stages=config.num_stages, **x.flags,
+        )
+
+    def launch_far_dkv(config):
+        far_dkv_kernel[key_grid(layout, config)](
+            q, x.k, x.v, x.rel_query, x.edge_q, x.edge_k, x.mask, x.cu, x.do, x.lse, x.delta, dk_acc, dv_acc,
+            dk, dv, edge_grad, **far_scalars, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            num_warps=config.num_warps, num_stages=config.num_stages, **x.flags,
+        )
+
+    launch_band_dkv(x.tune(tuner, "backward_band_dkv", launch_band_dkv))
+    launch_far_dkv(x.tune(tuner, "backward_far_dkv", launch_far_dkv))
+    d_rel_query = _fold(slot_grad, edge_grad, _per_head(x.k, layout))
+    return dq, dk, dv, d_rel_key.to(x.rel_key.dtype), d_rel_query.to(x.rel_query.dtype)
+
+
+BACKWARDS = {"slices": _backward_slices, "split": _backward_split}
+
+
+def _backward(q, k, v, rel_key, rel_query, mask, cu, o, lse, do, layout, geometry, scale, dropout_p, seed, tuner):
+    inputs = _BackwardInputs(q, k, v, rel_key, rel_query, mask, cu, o, lse, do, layout, geometry, scale, dropout_p, seed)
+    variant = tuner.backward_variant(
+        q, layout, inputs.has_mask, inputs.dropout, geometry, lambda name: BACKWARDS[name](inputs, tuner)
+    )
+    return BACKWARDS[variant](inputs, tuner)
 
 
 def _on_device(x: torch.Tensor):
@@ -288,11 +398,13 @@ def fused_disentangled_attention(
     scale: float | None = None,
     seed: int | None = None,
     config=None,
+    backward: str | None = None,
 ) -> torch.Tensor:
     """The fused path for padded ``[B, H, L, D]`` input (shapes checked by the dispatcher).
 
     ``seed`` fixes the dropout mask (see :func:`dropout_keep_mask`); ``config`` (a
-    ``kernels.tuning.KernelConfig``) forces one tile shape for every pass.
+    ``kernels.tuning.KernelConfig``) forces one tile shape for every pass; ``backward`` (``"slices"`` or
+    ``"split"``) forces a backward variant (default: ``DV3_KERNEL_BACKWARD``, else timed on the GPU).
     """
     reason = unsupported_reason(q)
     if reason is not None:
@@ -308,7 +420,7 @@ def fused_disentangled_attention(
     return _FusedAttention.apply(
         *_same_dtype_contiguous(q, k, v, rel_key, rel_query),
         mask, None, layout, geometry, float(scale if scale is not None else (3 * head_dim) ** -0.5),
-        float(dropout_p), seed, tuner_for(config),
+        float(dropout_p), seed, tuner_for(config, backward),
     )
 
 
@@ -327,6 +439,7 @@ def fused_disentangled_attention_varlen(
     scale: float | None = None,
     seed: int | None = None,
     config=None,
+    backward: str | None = None,
 ) -> torch.Tensor:
     """The fused path for packed ``[T, H, D]`` input; relative positions restart at each ``cu_seqlens`` boundary."""
     reason = unsupported_reason(q)
@@ -341,7 +454,7 @@ def fused_disentangled_attention_varlen(
     return _FusedAttention.apply(
         *_same_dtype_contiguous(q, k, v, rel_key, rel_query),
         None, cu, layout, geometry, float(scale if scale is not None else (3 * head_dim) ** -0.5),
-        float(dropout_p), seed, tuner_for(config),
+        float(dropout_p), seed, tuner_for(config, backward),
     )
 
 
