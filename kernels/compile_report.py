@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_row(launch, flags, figures))
             r = rows[-1]
             print(f"{r['phase']:18} {flags:12} {r['block_m']:>3}x{r['block_n']:<3} w{r['num_warps']} s{r['num_stages']} "
-                  f"band {r['band']:>3} regs {r['registers']:>3} spill {r['spill_stores']}/{r['spill_loads']} "
+                  f"band {r['band'] or '-':>3} regs {r['registers']:>3} spill {r['spill_stores']}/{r['spill_loads']} "
                   f"shared {r['shared']:>6} wgmma {r['wgmma']:>3} mma.sync {r['mma_sync']:>3} cp.async {r['cp_async']:>3} "
                   f"tma {r['tma']} blocks/SM {r['blocks_per_sm']} ({r['limited_by']})", flush=True)
     if not args.no_helpers:

@@ -63,34 +63,38 @@ _SMALL_TILES = (
     KernelConfig(16, 32, 4, 1),
 )
 _CANDIDATES: dict[tuple[str, str], tuple[KernelConfig, ...]] = {
+    # 64 query rows per warpgroup: wgmma throughout; 64x64 holds 255 registers without spilling.
     ("forward", "half"): (
         KernelConfig(64, 32, 8, 2),
+        KernelConfig(64, 32, 8, 3),
         KernelConfig(64, 64, 8, 2),
-        KernelConfig(64, 64, 8, 3),
-        KernelConfig(128, 32, 8, 2),
     ),
+    # The first backward: only 32x32 tiles keep its band math in registers (64-row tiles spill
+    # 200-500 bytes); the second stage pipelines the streamed tiles at no register cost.
     ("slices", "half"): (
+        KernelConfig(32, 32, 8, 2),
         KernelConfig(32, 32, 8, 1),
-        KernelConfig(64, 32, 8, 1),
-        KernelConfig(32, 64, 8, 1),
     ),
+    # Band kernels of the split backward: 32x32 is spill-free (mma.sync for the 32-row dots);
+    # 64x32 uses wgmma but spills about 100 bytes. The GPU decides.
     ("band", "half"): (
+        KernelConfig(32, 32, 8, 2),
+        KernelConfig(32, 32, 8, 3),
         KernelConfig(64, 32, 8, 2),
-        KernelConfig(32, 64, 8, 2),
-        KernelConfig(64, 64, 8, 2),
-        KernelConfig(32, 32, 4, 2),
     ),
+    # Far kernels: flash-attention backward with a rank-1 bias. dQ owns 128 rows (wgmma, no spill).
     ("far_dq", "half"): (
         KernelConfig(128, 64, 8, 2),
         KernelConfig(128, 64, 8, 3),
         KernelConfig(128, 32, 8, 3),
         KernelConfig(64, 64, 4, 3),
     ),
+    # dK/dV owns 128 key columns and streams 32 query rows (as Triton's fused-attention tutorial
+    # does); 64x64 uses wgmma for every dot but spills about 270 bytes.
     ("far_dkv", "half"): (
-        KernelConfig(64, 128, 8, 2),
-        KernelConfig(64, 128, 8, 3),
         KernelConfig(32, 128, 8, 3),
-        KernelConfig(64, 64, 4, 3),
+        KernelConfig(32, 128, 8, 2),
+        KernelConfig(64, 64, 8, 3),
     ),
     # Head dim 128's forward still has room for a second stage and 64-wide tiles.
     ("forward", "half-d128"): (

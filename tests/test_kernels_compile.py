@@ -34,3 +34,18 @@ def test_report_specialises_like_a_launch_and_reads_the_compilers_figures(tmp_pa
     assert row["registers"] > 0 and row["blocks_per_sm"] >= 1
     assert {r["phase"] for r in report["kernels"]} >= {"edge_dots", "delta", "keep_mask"}
     assert report["meta"]["triton"] and report["meta"]["arch"] == "sm_90"
+
+
+def test_first_tuning_candidates_meet_the_sm90_targets(tmp_path):
+    # Targets read from the compiler: no spills, >= 2 pipelined stages wherever K/V (or Q/dO)
+    # are streamed, and wgmma in the passes whose tiles have 64 rows per warpgroup.
+    report = run_report(tmp_path, "--limit", "1", "--no-helpers")
+    rows = {r["phase"]: r for r in report["kernels"]}
+    assert set(rows) == {"forward", "backward_dq", "backward_dkv", "backward_band_dq", "backward_far_dq",
+                         "backward_band_dkv", "backward_far_dkv"}, rows.keys()
+    for phase, row in rows.items():
+        assert "error" not in row, row
+        assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+        assert row["num_stages"] >= 2 and row["cp_async"] > 0, row
+    for phase in ("forward", "backward_far_dq"):
+        assert rows[phase]["wgmma"] > 0 and rows[phase]["mma_sync"] == 0, rows[phase]
