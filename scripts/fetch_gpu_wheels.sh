@@ -51,7 +51,7 @@ fetch "$(pinned annotated-types)"
 fetch "$(pinned typing-inspection)"
 fetch "$(pinned typing-extensions)"  # pydantic needs a recent one
 fetch "$(pinned pytest-timeout)"
-for name in matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six pillow; do
+for name in matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil tzdata six pillow; do
     fetch "$(pinned "$name")"
 done
 
