@@ -50,12 +50,13 @@ dest=$(cd "$dest" && pwd)
 
 # Carried wheels go to a private folder; the repository comes first on the path.
 site=${DV3_WHEEL_SITE:-/tmp/dv3-site}
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ "$DEVICE" = gpu ] && compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
         || { echo "gpu_check.sh: installing .whl/*.whl failed" >&2; exit 1; }
     export PYTHONPATH="$REPO:$site${PYTHONPATH:+:$PYTHONPATH}"
 else
-    echo "(no .whl/ wheels: peers and deepspeed only if the image has them)"
+    # (the wheels are for the GPU image's Python 3.12; a CPU rehearsal uses this environment)
+    echo "(no .whl/ wheels installed: peers and deepspeed only if this environment has them)"
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
