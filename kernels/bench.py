@@ -5,20 +5,26 @@ fixed number of tokens per batch (16,384 by default, ``batch = tokens / length``
 peers report), plus a pretraining point (L=512 with v3's attention dropout 0.1), it times
 forward, backward and both, and records peak memory, for:
 
-* ``fused``: dv3's Triton kernels (``DV3_ATTENTION=fused``);
+* ``fused``: dv3's Triton kernels (``DV3_ATTENTION=fused``), backward variant chosen by the
+  tuner; ``fused-slices`` and ``fused-split`` force one backward variant each;
 * ``reference``: dv3's plain PyTorch path, which computes what HF eager computes;
 * ``hf``: Hugging Face's own ``DisentangledSelfAttention`` (eager);
-* ``flex``: PyTorch FlexAttention, compiled, with a score_mod that gathers c2p/p2c;
+* ``flex``: PyTorch FlexAttention, compiled, with a score_mod that gathers c2p/p2c (slow to
+  compile per shape: not in the default list);
+* ``sdpa``: PyTorch's scaled-dot-product attention (the flash backend on CUDA) with no position
+  terms at the same shape: what plain attention costs, the ceiling to chase (attention level only);
 * ``disentangled-flash`` (1.1.1) and ``flashdeberta`` (0.0.8), when importable.
 
 Everything is measured at the attention-layer level (the Q/K/V and relative projections
 included, the same ``nn.Linear`` weights for all), because that is the unit the peers
-expose; dv3's own paths and flex are also timed attention-only. TFLOP/s use the count in
-DESIGN.md section 5 (forward ``B*H*(4*L^2*D + 4*L*R*D)``, backward
-``B*H*(10*L^2*D + 12*L*R*D)``, ``R`` = relative rows), so layer-level figures understate
-the kernels. Times are medians (``triton.testing.do_bench`` on CUDA). Peak memory is the
+expose; dv3's own paths, flex and sdpa are also timed attention-only. TFLOP/s use the count
+the peers publish (docs/kernels.md: forward ``B*H*(4*L^2*D + 4*L*R*D)``, backward
+``B*H*(10*L^2*D + 12*L*R*D)``, ``R`` = relative rows) for every path, sdpa included, so the
+figures compare times at one shape; layer-level figures understate the kernels. Times are medians (``triton.testing.do_bench`` on CUDA). Peak memory is the
 allocation peak above what was allocated before the timed call. An implementation that
-cannot run prints its reason and is recorded as skipped. Results go to ``--output`` (JSON).
+cannot run prints its reason and is recorded as skipped. Results go to ``--output`` (JSON),
+rewritten after every measurement so an interrupted run keeps what it measured; ``--plot``
+draws TFLOP/s and peak memory against sequence length (``--plot-from`` redraws a saved JSON).
 
 On a CPU, ``--device cpu`` picks tiny shapes and the paths that make sense there.
 """
@@ -40,7 +46,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ALL_PATHS = ("fused", "reference", "hf", "flex", "disentangled-flash", "flashdeberta")
+ALL_PATHS = ("fused", "fused-slices", "fused-split", "reference", "hf", "flex", "sdpa", "disentangled-flash",
+             "flashdeberta")
+DEFAULT_GPU_PATHS = tuple(p for p in ALL_PATHS if p != "flex")
+FUSED_PATHS = ("fused", "fused-slices", "fused-split")
+ATTENTION_ONLY = ("sdpa",)
 MODES = ("forward", "backward", "forward+backward")
 PEERS = ("disentangled-flash", "flashdeberta")
 
@@ -52,7 +62,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, help="attention heads (default 12 on cuda, 2 on cpu)")
     parser.add_argument("--head-dim", type=int, help="head dimension (default 64 on cuda, 32 on cpu)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--paths", nargs="+", choices=ALL_PATHS, help="implementations (default: all on cuda, reference and hf on cpu)")
+    parser.add_argument("--paths", nargs="+", choices=ALL_PATHS,
+                        help="implementations (default: all but flex on cuda, reference and hf on cpu)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to time")
     parser.add_argument("--position-buckets", type=int, default=256)
     parser.add_argument("--max-relative-positions", type=int, default=512)
@@ -65,13 +76,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-layer", action="store_true", help="skip the attention-layer measurements")
     parser.add_argument("--no-kernel", action="store_true", help="skip the attention-only measurements")
     parser.add_argument("--output", type=Path, help="JSON file to write (default: benchmarks/results/kernels-<device>-<date>.json)")
+    parser.add_argument("--plot", type=Path, help="also draw the figures to this image (PNG or SVG, by its suffix)")
+    parser.add_argument("--plot-from", type=Path, metavar="JSON",
+                        help="draw the figures of a saved JSON to --plot (default: beside it) and exit; nothing is run")
 
 
 # ---------------------------------------------------------------------------------------
 
 
 def flop_count(batch: int, heads: int, length: int, head_dim: int, rel_rows: int, mode: str) -> float:
-    """DESIGN.md section 5's count (the one the peers publish)."""
+    """The FLOP count the peers publish (docs/kernels.md)."""
     forward = batch * heads * (4 * length**2 * head_dim + 4 * length * rel_rows * head_dim)
     backward = batch * heads * (10 * length**2 * head_dim + 12 * length * rel_rows * head_dim)
     return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[mode]
@@ -165,9 +179,24 @@ def _flex_attention_fn(shape: Shape) -> Callable:
     return attend
 
 
+def _sdpa_fn(shape: Shape) -> Callable:
+    """Plain attention, no position terms (the ceiling): SDPA's flash backend on CUDA."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    scale = (3 * shape.head_dim) ** -0.5
+    backends = [SDPBackend.FLASH_ATTENTION] if shape.device.type == "cuda" else [SDPBackend.MATH]
+
+    def attend(q, k, v, rel_key, rel_query):
+        with sdpa_kernel(backends):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=shape.dropout, scale=scale)
+
+    return attend
+
+
 def _dv3_attention_fn(shape: Shape, path: str) -> Callable:
     """dv3's fused kernels or its reference, called directly (no dispatch inside the timed call)."""
-    if path == "fused":
+    backward = {"fused-slices": "slices", "fused-split": "split"}.get(path)
+    if path in FUSED_PATHS:
         from kernels.fused import fused_disentangled_attention as implementation
         from kernels.fused import unsupported_reason
 
@@ -178,16 +207,20 @@ def _dv3_attention_fn(shape: Shape, path: str) -> Callable:
     else:
         from kernels.reference import disentangled_attention_reference as implementation
 
+    extra = {"backward": backward} if backward else {}
+
     def attend(q, k, v, rel_key, rel_query):
         return implementation(q, k, v, rel_key, rel_query, None, position_buckets=shape.position_buckets,
-                              max_relative_positions=shape.max_relative_positions, dropout_p=shape.dropout)
+                              max_relative_positions=shape.max_relative_positions, dropout_p=shape.dropout, **extra)
 
     return attend
 
 
 def _attention_fn(shape: Shape, path: str) -> Callable:
-    if path in ("fused", "reference"):
+    if path in (*FUSED_PATHS, "reference"):
         return _dv3_attention_fn(shape, path)
+    if path == "sdpa":
+        return _sdpa_fn(shape)
     if path == "flex":
         if shape.dropout > 0:
             raise Skip("FlexAttention has no attention dropout")
@@ -340,7 +373,7 @@ def _defaults(args) -> tuple[torch.device, dict]:
         "heads": args.heads or (12 if on_gpu else 2),
         "head_dim": args.head_dim or (64 if on_gpu else 32),
         "dtype": getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32")),
-        "paths": args.paths or (list(ALL_PATHS) if on_gpu else ["reference", "hf"]),
+        "paths": args.paths or (list(DEFAULT_GPU_PATHS) if on_gpu else ["reference", "hf"]),
     }
     return device, settings
 
@@ -374,6 +407,11 @@ def _environment(device: torch.device) -> dict:
 
 
 def run(args) -> int:
+    if args.plot_from is not None:
+        target = args.plot or args.plot_from.with_suffix(".png")
+        plot_results(json.loads(args.plot_from.read_text()), target)
+        print(f"wrote {target}")
+        return 0
     device, settings = _defaults(args)
     dtype = settings["dtype"]
     records: list[dict] = []
@@ -384,6 +422,29 @@ def run(args) -> int:
         # Pretraining: v3 trains at 512 tokens with attention dropout 0.1 (tiny on a CPU).
         length = 512 if device.type == "cuda" else min(settings["lengths"])
         points.append(("pretrain", length, args.pretrain_batch or max(1, settings["tokens"] // length), 0.1))
+    output = args.output or Path("benchmarks/results") / (
+        f"kernels-{device.type}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}.json"
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    environment = _environment(device)
+
+    def write() -> dict:
+        # After every measurement: an interrupted run (a timeout, a hang killed) keeps its figures.
+        payload = {
+            "environment": environment,
+            "settings": {**{k: v for k, v in settings.items() if k != "dtype"}, "dtype": str(dtype).removeprefix("torch."),
+                         "points": [{"point": p, "length": n, "batch": b, "dropout": d} for p, n, b, d in points],
+                         "position_buckets": args.position_buckets, "max_relative_positions": args.max_relative_positions,
+                         "dropout": args.dropout, "modes": args.modes,
+                         "flop_count": "peers' count: fwd B*H*(4L^2D+4LRD), bwd B*H*(10L^2D+12LRD)"},
+            "results": records,
+            "ratios": _ratios(records),
+        }
+        temporary = output.with_name(output.name + ".tmp")
+        temporary.write_text(json.dumps(payload, indent=1, default=str))
+        temporary.replace(output)
+        return payload
+
     for point, length, batch, dropout in points:
         shape = Shape(batch, settings["heads"], length, settings["head_dim"], dtype, device,
                       args.position_buckets, args.max_relative_positions, dropout)
@@ -396,7 +457,8 @@ def run(args) -> int:
         levels = ([] if args.no_layer else ["layer"]) + ([] if args.no_kernel else ["attention"])
         for level in levels:
             # HF and the peers exist only as whole attention layers.
-            paths = [p for p in settings["paths"] if level == "layer" or p in ("fused", "reference", "flex")]
+            paths = [p for p in settings["paths"] if level == "layer" and p not in ATTENTION_ONLY
+                     or level == "attention" and p in (*FUSED_PATHS, "reference", "flex", *ATTENTION_ONLY)]
             # The reference (or HF) first: every other path's output is checked against it.
             paths.sort(key=lambda p: p not in ("reference", "hf"))
             for path in paths:
@@ -430,27 +492,67 @@ def run(args) -> int:
                         torch.cuda.empty_cache()
                 records.append(record)
                 _print_record(record)
-    summary = _ratios(records)
-    for line in _summary_lines(summary):
+                write()
+    payload = write()
+    for line in _summary_lines(payload["ratios"]):
         print(line)
-    output = args.output or Path("benchmarks/results") / (
-        f"kernels-{device.type}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}.json"
-    )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "environment": _environment(device),
-        "settings": {**{k: v for k, v in settings.items() if k != "dtype"}, "dtype": str(dtype).removeprefix("torch."),
-                     "points": [{"point": p, "length": n, "batch": b, "dropout": d} for p, n, b, d in points],
-                     "position_buckets": args.position_buckets, "max_relative_positions": args.max_relative_positions,
-                     "dropout": args.dropout, "modes": args.modes,
-                     "flop_count": "DESIGN.md 5: fwd B*H*(4L^2D+4LRD), bwd B*H*(10L^2D+12LRD)"},
-        "results": records,
-        "ratios": summary,
-    }
-    output.write_text(json.dumps(payload, indent=1, default=str))
     print(f"wrote {output}")
-    failures = [r for r in records if "error" in r and r["path"] in ("fused", "reference")]
+    if args.plot is not None:
+        plot_results(payload, args.plot)
+        print(f"wrote {args.plot}")
+    failures = [r for r in records if "error" in r and r["path"] in (*FUSED_PATHS, "reference")]
     return 1 if failures else 0
+
+
+def plot_results(payload: dict, target: Path) -> dict[str, list[str]]:
+    """TFLOP/s and peak memory against sequence length, forward and forward+backward, one line per
+    implementation and level (the per-length points; the pretraining point is a single length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in ("forward", "forward+backward") if m in payload["settings"].get("modes", MODES)]
+    points = [r for r in payload["results"] if r["point"].startswith("L") and not {"skipped", "error"} & r.keys()]
+    figure, axes = plt.subplots(2, len(modes), figsize=(6.5 * len(modes), 8.5), squeeze=False)
+    drawn: dict[str, list[str]] = {mode: [] for mode in modes}
+    lines = sorted({(r["path"], r["level"]) for r in points})
+    for column, mode in enumerate(modes):
+        for path, level in lines:
+            rows = sorted((r for r in points if (r["path"], r["level"]) == (path, level) and mode in r),
+                          key=lambda r: r["length"])
+            if not rows:
+                continue
+            lengths = [r["length"] for r in rows]
+            style = "-" if level == "attention" else "--"
+            axes[0][column].plot(lengths, [r[mode]["tflops"] for r in rows], style, marker="o", label=f"{path} ({level})")
+            drawn[mode].append(f"{path} ({level})")
+            memory = [r[mode]["peak_bytes"] for r in rows]
+            if all(m is not None for m in memory):
+                axes[1][column].plot(lengths, [m / 2**30 for m in memory], style, marker="o", label=f"{path} ({level})")
+        axes[0][column].set_title(f"{mode}: TFLOP/s (peers' FLOP count)")
+        axes[1][column].set_title(f"{mode}: peak memory (GiB, above inputs)")
+        for row in (0, 1):
+            axis = axes[row][column]
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("sequence length (tokens per batch fixed)")
+            axis.grid(True, alpha=0.3)
+            if axis.get_lines():
+                axis.legend(fontsize=7)
+            else:
+                axis.text(0.5, 0.5, "not measured", ha="center", va="center", transform=axis.transAxes)
+    environment = payload.get("environment", {})
+    settings = payload.get("settings", {})
+    figure.suptitle(
+        f"dv3 bench kernels: {environment.get('gpu') or environment.get('device')}, {settings.get('dtype')}, "
+        f"{settings.get('heads')} heads x {settings.get('head_dim')}, {settings.get('tokens')} tokens per batch, "
+        f"{environment.get('date', '')}", fontsize=10,
+    )
+    figure.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=110)
+    plt.close(figure)
+    return drawn
 
 
 def _build_hf_layer(shape: Shape) -> nn.Module:
@@ -498,13 +600,13 @@ def _ratios(records: list[dict]) -> dict:
     """Speed-up of ``fused`` over every other path (their time / ours), per level, length and mode."""
     table: dict = {}
     timed = [r for r in records if "skipped" not in r and "error" not in r]
-    for ours in (r for r in timed if r["path"] == "fused"):
+    for ours in (r for r in timed if r["path"] in FUSED_PATHS):
         for other in timed:
-            if other["path"] == "fused" or other["level"] != ours["level"] or other["point"] != ours["point"]:
+            if other["path"] in FUSED_PATHS or other["level"] != ours["level"] or other["point"] != ours["point"]:
                 continue
             for mode in MODES:
                 if mode in ours and mode in other:
-                    key = f"{ours['level']}|{ours['point']}|{mode}|vs {other['path']}"
+                    key = f"{ours['level']}|{ours['point']}|{mode}|{ours['path']} vs {other['path']}"
                     entry = {"speedup": round(other[mode]["ms"] / ours[mode]["ms"], 3)}
                     if ours[mode]["peak_bytes"] is not None and other[mode]["peak_bytes"]:
                         entry["memory_ratio"] = round(ours[mode]["peak_bytes"] / other[mode]["peak_bytes"], 3)

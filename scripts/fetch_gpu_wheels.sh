@@ -7,7 +7,8 @@
 # The GPU image already has torch 2.11, triton 3.6, transformers, einops, msgpack, ninja,
 # psutil, py-cpuinfo, nvidia-ml-py and pytest; it lacks deepspeed (sdist only on PyPI, pure
 # Python: built into a wheel here), hjson and pydantic (with pydantic-core, annotated-types,
-# typing-inspection), and the two peers of the kernel benchmark.
+# typing-inspection), the two peers of the kernel benchmark, pytest-timeout (gpu_check.sh's
+# per-test timeout) and matplotlib with its pure and binary needs (the benchmark's plot).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,6 +50,10 @@ fetch "$(pinned pydantic-core)"
 fetch "$(pinned annotated-types)"
 fetch "$(pinned typing-inspection)"
 fetch "$(pinned typing-extensions)"  # pydantic needs a recent one
+fetch "$(pinned pytest-timeout)"
+for name in matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil tzdata six pillow; do
+    fetch "$(pinned "$name")"
+done
 
 forget deepspeed
 "$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$DEST" deepspeed==0.19.8
