@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from engine.train.distributed import prefer_environment_tools  # noqa: E402 (after the settings above)
 from tests.support import REPO  # noqa: E402
 from tests.support.data import build_corpus, build_prepared, build_tokenizer  # noqa: E402
+from tests.support.runs import UNINTERRUPTED_STEPS, run_pretrain  # noqa: E402
 from tests.support.slurm import LOCAL_SLURM, daemon_pids, process_alive  # noqa: E402
 
 prefer_environment_tools()  # this environment's ninja for DeepSpeed's op builds, in subprocesses too
@@ -54,6 +55,16 @@ def tiny_dataset(tmp_path_factory) -> Path:
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_dataset, tmp_path_factory) -> Path:
+    """A reference run: 2 ranks, ZeRO-3, dropout on, UNINTERRUPTED_STEPS steps, a checkpoint every
+    half. Tests that change a run copy it first."""
+    output = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    run_pretrain(output, tiny_dataset, 2, "--train.steps", str(UNINTERRUPTED_STEPS), "--checkpoint.interval",
+                 str(UNINTERRUPTED_STEPS // 2))
     return output
 
 

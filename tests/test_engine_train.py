@@ -14,6 +14,7 @@ import torch
 from engine.train import checkpoint
 from tests.support.runs import (
     REPO,
+    UNINTERRUPTED_STEPS,
     kill_tree,
     run_env,
     run_pretrain,
@@ -24,15 +25,7 @@ from tests.support.runs import (
 )
 
 pytestmark = pytest.mark.slow
-N = 4  # steps before the interruption; runs go to 2N
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_dataset, tmp_path_factory):
-    """2 ranks, ZeRO-3, dropout on, 2N steps without interruption."""
-    output = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    run_pretrain(output, tiny_dataset, 2, "--train.steps", str(2 * N), "--checkpoint.interval", str(N))
-    return output
+N = UNINTERRUPTED_STEPS // 2  # steps before the interruption; runs go to 2N
 
 
 def test_resume_after_sigkill_gives_identical_losses_at_every_step(uninterrupted, tiny_dataset, tmp_path):
@@ -93,7 +86,7 @@ def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(tiny_dataset, t
     output = tmp_path / "nan"
     result = run_pretrain(output, tiny_dataset, 2, "--train.steps", "4", "--checkpoint.interval", "2",
                           "--train.fail-loss-at-steps", "1")
-    assert "step 1: non-finite loss, update skipped" in result.stderr
+    assert "step 2: non-finite loss, update skipped" in result.stderr  # numbered from 1, like the progress
     losses = step_losses(output)
     assert 2 not in losses and sorted(losses) == [1, 3, 4]  # step index 1 is the 2nd step
     assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())

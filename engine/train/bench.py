@@ -77,8 +77,11 @@ BASELINE = "hf_eager"
 def bench_config(preset: str, vocab_size: int | None, sharing: str, micro_batch: int, world_size: int,
                  deepspeed_config: str, steps: int) -> RunConfig:
     """A run configuration as ``dv3 pretrain`` would build it, for one micro-batch per rank and step."""
+    # The Enhanced Mask Decoder is off for every contender: HF's DebertaV2 has none, and the
+    # comparison is of the encoders.
     return RunConfig(
-        model=ModelSection(preset=preset, vocab_size=vocab_size), rtd=RTDConfig(sharing=sharing),
+        model=ModelSection(preset=preset, vocab_size=vocab_size),
+        rtd=RTDConfig(sharing=sharing, enhanced_mask_decoder=False),
         data=DataSection(dirs=["synthetic"]), optim=OptimSection(warmup_steps=0),
         train=TrainSection(steps=steps, micro_batch=micro_batch, global_batch=micro_batch * world_size,
                            deepspeed_config=deepspeed_config))
@@ -208,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         "device": torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()})",
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "deepspeed_config": str(ds_path), "seq_len": length, "micro_batch": micro_batch, "timed_steps": steps,
-        "repeats": repeats, "warmup_steps": warmup, "sharing": args.sharing,
+        "repeats": repeats, "warmup_steps": warmup, "sharing": args.sharing, "enhanced_mask_decoder": False,
         "dv3_attention": attention_path_from_env(), "peak_tflops": peak, "world_size": env.world_size,
         "figures": "per rank and step: medians over interleaved rounds, min/max over rounds",
         "results": {},

@@ -104,5 +104,6 @@ def pretrain(config: RunConfig) -> int:
     if exit_code == 0 and env.is_main:
         log.info("finished %d steps; checkpoints in %s, TensorBoard logs in %s", state.step,
                  checkpoint.checkpoint_root(config.output_dir), Path(config.output_dir) / "tensorboard")
+    parallel.engine.destroy()  # DeepSpeed's hooks and buffers go before the process group does
     distributed.shutdown()
     return exit_code

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from tests.support import REPO
 
+# The shared reference run (conftest.py's `uninterrupted`): 2 ranks, ZeRO-3, a checkpoint every half.
+UNINTERRUPTED_STEPS = 8
 _ports = iter(range(29500 + (os.getpid() * 7) % 2000, 40000))
 
 

@@ -13,6 +13,7 @@ import deepspeed
 import torch
 
 from engine.config import build_run_config
+from engine.train.distributed import shutdown
 from engine.train.parallel import parallelize
 from engine.train.step import train_step
 from tests.support.models import build_model, rank_batch
@@ -41,5 +42,5 @@ with deepspeed.zero.GatheredParameters(list(model.parameters())):
 if rank == 0:
     torch.save({"parameters": parameters, "norms": result.clip.norms, "factors": result.clip.factors},
                out_dir / "result.pt")
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()  # a clean exit: see engine.train.distributed.shutdown
+parallel.engine.destroy()
+shutdown()  # a clean exit: see engine.train.distributed.shutdown
