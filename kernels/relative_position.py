@@ -11,13 +11,15 @@ used, else ``max_relative_positions``):
 Both c2p and p2c use the same ``slot(i - j)`` (Hugging Face gathers p2c with the negated
 distance and then transposes, which cancels out).
 
-Buckets are computed on the host in float64: a float32 ``ceil(log(.))`` evaluated inside
-a kernel is off by one at a few distances, so kernels read these tables instead.
+Buckets are computed once on the host, with exactly the float32 operations of Hugging Face's
+``make_log_bucket_position`` (the official code does the same): a model trained here must see
+the positions it will see after export. Exact (float64) arithmetic differs from it by one bucket
+at a few distances in some geometries, e.g. (512, 4096); at v3's (256, 512) they agree. Kernels
+read these tables; they never evaluate ``ceil(log(.))`` themselves.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -29,27 +31,33 @@ def relative_span(position_buckets: int, max_relative_positions: int) -> int:
     return position_buckets if position_buckets > 0 else max_relative_positions
 
 
+def log_buckets(distances: torch.Tensor, position_buckets: int, max_relative_positions: int) -> torch.Tensor:
+    """Buckets of relative distances (int64), with HF ``make_log_bucket_position``'s own float32 steps."""
+    relative = distances.to(torch.int64)
+    if position_buckets <= 0 or max_relative_positions <= 0:
+        return relative
+    mid = position_buckets // 2
+    sign = torch.sign(relative)
+    magnitude = torch.where((relative < mid) & (relative > -mid), torch.tensor(mid - 1), relative.abs())
+    scale = torch.log(torch.tensor((max_relative_positions - 1) / mid, dtype=torch.float32))
+    log_position = torch.ceil(torch.log(magnitude.to(torch.float32) / mid) / scale * (mid - 1)) + mid
+    return torch.where(magnitude <= mid, relative.to(torch.float32), log_position * sign).to(torch.int64)
+
+
 def log_bucket(distance: int, position_buckets: int, max_relative_positions: int) -> int:
     """Bucket of one relative distance, exactly as HF ``make_log_bucket_position``."""
-    if position_buckets <= 0 or max_relative_positions <= 0:
-        return distance
-    mid = position_buckets // 2
-    magnitude = abs(distance)
-    if magnitude <= mid:
-        return distance
-    log_ratio = math.log(magnitude / mid) / math.log((max_relative_positions - 1) / mid)
-    bucket = math.ceil(log_ratio * (mid - 1)) + mid
-    return bucket if distance > 0 else -bucket
+    return int(log_buckets(torch.tensor([distance]), position_buckets, max_relative_positions)[0])
+
+
+def _slots(distances: torch.Tensor, position_buckets: int, max_relative_positions: int) -> torch.Tensor:
+    span = relative_span(position_buckets, max_relative_positions)
+    return (log_buckets(distances, position_buckets, max_relative_positions) + span).clamp(0, 2 * span - 1)
 
 
 @lru_cache(maxsize=64)
 def _slot_of_distance_cpu(max_distance: int, position_buckets: int, max_relative_positions: int) -> torch.Tensor:
-    span = relative_span(position_buckets, max_relative_positions)
-    slots = [
-        min(max(log_bucket(r, position_buckets, max_relative_positions) + span, 0), 2 * span - 1)
-        for r in range(-max_distance, max_distance + 1)
-    ]
-    return torch.tensor(slots, dtype=torch.int32)
+    distances = torch.arange(-max_distance, max_distance + 1)
+    return _slots(distances, position_buckets, max_relative_positions).to(torch.int32)
 
 
 def slot_of_distance(
@@ -137,10 +145,6 @@ class SlotGeometry:
         return _geometry_tensors(self.position_buckets, self.max_relative_positions, str(device))
 
 
-def _slot(distance: int, position_buckets: int, max_relative_positions: int, span: int) -> int:
-    return min(max(log_bucket(distance, position_buckets, max_relative_positions) + span, 0), 2 * span - 1)
-
-
 @lru_cache(maxsize=32)
 def slot_geometry(position_buckets: int, max_relative_positions: int) -> SlotGeometry:
     """Build (once per pair) the :class:`SlotGeometry` for these settings."""
@@ -152,23 +156,20 @@ def slot_geometry(position_buckets: int, max_relative_positions: int) -> SlotGeo
         )
     rows = 2 * span
 
-    def slot(r: int) -> int:
-        return _slot(r, position_buckets, max_relative_positions, span)
-
-    # The log buckets grow without bound, so both edges are reached at a finite distance.
-    limit = 1 << 24
-    far_hi = 0
-    while slot(far_hi) != rows - 1:
-        far_hi += 1
-        if far_hi > limit:
-            raise ValueError(f"slot map never reaches its last slot for position_buckets={position_buckets}")
-    far_lo = 0
-    while slot(far_lo) != 0:
-        far_lo -= 1
-        if -far_lo > limit:
-            raise ValueError(f"slot map never reaches slot 0 for position_buckets={position_buckets}")
+    # The log buckets grow without bound, so both edges are reached at a finite distance: widen
+    # the window until it holds both, then find where each edge starts (slot(r) is monotone).
+    reach, limit = 1024, 1 << 24
+    while True:
+        window = _slots(torch.arange(-reach, reach + 1), position_buckets, max_relative_positions).tolist()
+        if window[-1] == rows - 1 and window[0] == 0:
+            break
+        reach *= 2
+        if reach > limit:
+            raise ValueError(f"slot map never reaches both edges for position_buckets={position_buckets}")
+    far_hi = window.index(rows - 1) - reach
+    far_lo = len(window) - 1 - window[::-1].index(0) - reach
     max_distance = max(far_hi, -far_lo, 1)
-    slots = [slot(r) for r in range(-max_distance, max_distance + 1)]
+    slots = window[reach - max_distance:reach + max_distance + 1]
 
     exact_hi = 0
     while exact_hi + 1 <= max_distance and slots[exact_hi + 1 + max_distance] == exact_hi + 1 + span:
