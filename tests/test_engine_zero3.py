@@ -14,9 +14,12 @@ from tests.support import REPO
 from tests.support.models import build_model, rank_batch
 
 
-def reference_gradients(sharing: str, loss_name: str) -> dict[str, torch.Tensor]:
-    """Data-parallel mean of the two ranks' gradients of one loss, in one process."""
+def reference_gradients(sharing: str, loss_name: str, initial: dict | None = None) -> dict[str, torch.Tensor]:
+    """Data-parallel mean of the two ranks' gradients of one loss, in one process (from the
+    worker's initial weights when given)."""
     model = build_model(sharing).train()
+    if initial is not None:
+        model.load_state_dict(initial, strict=False)
     for rank in (0, 1):
         ids, mask, masked, labels, sampling_seed = rank_batch(rank)
         torch.manual_seed(sampling_seed)
@@ -45,15 +48,23 @@ def test_gdes_under_zero3_gives_generator_embedding_only_the_mlm_gradient(tmp_pa
     got = ranks[0]["gradients"]
     torch.testing.assert_close(ranks[1]["gradients"]["E_G"], got["E_G"])  # gathered: identical on both ranks
 
-    mlm_only = reference_gradients("gdes", "mlm_loss")
-    rtd_only = reference_gradients("gdes", "rtd_loss")
+    # The worker built the model partitioned: the reference starts from its (gathered) weights,
+    # drawn on each partition with the usual scheme.
+    initial = torch.load(tmp_path / "initial.pt", weights_only=True)
+    query = initial["discriminator.deberta.encoder.layer.0.attention.self.query_proj.weight"]
+    assert abs(float(query.std()) - 0.02) < 0.002 and abs(float(query.mean())) < 0.002
+    assert not initial["discriminator.deberta.encoder.layer.0.attention.self.query_proj.bias"].any()
+    assert (initial["discriminator.deberta.encoder.layer.0.output.LayerNorm.weight"] == 1).all()
+    assert not initial["generator.deberta.embeddings.word_embeddings.weight"][0].any()  # the padding row
+    mlm_only = reference_gradients("gdes", "mlm_loss", initial)
+    rtd_only = reference_gradients("gdes", "rtd_loss", initial)
     assert got["E_G"].abs().sum() > 0
     torch.testing.assert_close(got["E_G"], mlm_only["E_G"], rtol=1e-5, atol=1e-7)
     expected_delta = 50.0 * rtd_only["E_Delta"]
     torch.testing.assert_close(got["E_Delta"], expected_delta, rtol=1e-4,
                                atol=1e-5 * float(expected_delta.abs().max()))
     # The test can fail: the total loss's E_G gradient under ES (no stop-gradient) is far from MLM's.
-    es_total = reference_gradients("es", "loss")["E_G"]
+    es_total = reference_gradients("es", "loss", initial)["E_G"]
     assert float((es_total - mlm_only["E_G"]).abs().max()) > 1e-3
 
 

@@ -8,6 +8,7 @@ BENCHMARKS = {
     "kernels": ("kernels.bench", "fused disentangled attention vs the reference, FlexAttention and the peers"),
     "data": ("data_pipeline.bench", "tokenization and loader throughput vs Hugging Face datasets"),
     "train": ("engine.train.bench", "training steps of dv3's model vs HF eager attention"),
+    "construction": ("engine.train.bench_construction", "host memory while building the model, whole vs partitioned"),
 }
 
 

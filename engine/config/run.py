@@ -150,6 +150,8 @@ class TrainSection:
     seed: int = 0
     deepspeed_config: str = "ds_configs/zero3_bf16.json"
     max_nonfinite_in_a_row: int = 10
+    activation_checkpointing: int = 0  # recompute every k-th encoder layer in the backward (0: off, 1: all)
+    partitioned_construction: bool = True  # under ZeRO-3, build the model already partitioned (zero.Init)
     fail_loss_at_steps: list[int] = field(default_factory=list)  # fault injection for tests: NaN loss there
 
     def __post_init__(self) -> None:
@@ -159,6 +161,8 @@ class TrainSection:
         _need(self.global_batch % self.micro_batch == 0, "train.global_batch",
               f"{self.global_batch} is not a multiple of train.micro_batch={self.micro_batch}")
         _need(self.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
+        _need(self.activation_checkpointing >= 0, "train.activation_checkpointing",
+              f"must be >= 0 (0 off, 1 every layer, k every k-th), got {self.activation_checkpointing}")
         _need(resolve_resource_path(self.deepspeed_config).is_file(), "train.deepspeed_config",
               f"{self.deepspeed_config} does not exist (see ds_configs/)")
 

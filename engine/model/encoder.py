@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from engine.config.encoder import EncoderConfig
 from kernels import disentangled_attention
@@ -187,6 +188,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
         self.rel_embeddings = nn.Embedding(2 * config.relative_span, config.hidden_size)
+        # Activation checkpointing: every k-th layer keeps only its input and recomputes the rest
+        # in the backward (0: off). A training setting, not part of the model's structure.
+        self.checkpoint_every = 0
         self.norm_rel_ebd = config.norm_rel_ebd
         if config.norm_rel_ebd == "layer_norm":
             self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -199,8 +203,14 @@ class Encoder(nn.Module):
     def forward(self, hidden_states, attention_mask, output_hidden_states: bool = False):
         rel_embeddings = self.relative_embeddings(hidden_states.device)
         all_hidden_states = [hidden_states] if output_hidden_states else None
-        for layer in self.layer:
-            hidden_states = layer(hidden_states, attention_mask, rel_embeddings)
+        recompute = self.checkpoint_every > 0 and self.training and torch.is_grad_enabled()
+        for index, layer in enumerate(self.layer):
+            if recompute and index % self.checkpoint_every == 0:
+                # The RNG state is restored for the recomputation, so its dropout masks (the fused
+                # kernel's seed included) are the forward's.
+                hidden_states = checkpoint(layer, hidden_states, attention_mask, rel_embeddings, use_reentrant=False)
+            else:
+                hidden_states = layer(hidden_states, attention_mask, rel_embeddings)
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
         return hidden_states, all_hidden_states, rel_embeddings
@@ -214,7 +224,12 @@ class EncoderOutput(NamedTuple):
 
 
 def init_weights(module: nn.Module, std: float) -> None:
-    """BERT/DeBERTa initialisation: normal(0, std) matrices, zero biases, unit LayerNorms."""
+    """BERT/DeBERTa initialisation: normal(0, std) matrices, zero biases, unit LayerNorms.
+
+    A module whose parameters are empty partitions (built under ZeRO-3's ``zero.Init``) is left
+    alone: ``engine.train.parallel.construct`` initialises it once its parameters are gathered."""
+    if any(parameter.numel() == 0 for parameter in module.parameters(recurse=False)):
+        return
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, mean=0.0, std=std)
         if module.bias is not None:

@@ -17,49 +17,71 @@ import logging
 
 import torch
 
-from engine.model.hf_io import encoder_weights, load_strict, mlm_head_weights, read_hf_state_dict, rtd_head_weights
-from engine.model.rtd import GradientDisentangledEmbedding, RTDModel
+from engine.model.hf_io import encoder_weights, mlm_head_weights, read_hf_state_dict, rtd_head_weights
+from engine.model.rtd import RTDModel
 
 log = logging.getLogger("dv3")
 
 
-@torch.no_grad()
-def initialize_from_hf(model: RTDModel, discriminator_path: str, generator_path: str | None = None) -> None:
+def hf_initial_weights(model: RTDModel, discriminator_path: str,
+                       generator_path: str | None = None) -> dict[str, torch.Tensor]:
+    """The value every parameter of ``model`` starts from (by ``named_parameters()`` name), read
+    from Hugging Face folders. Parameters not named start as initialised (a bare encoder folder
+    has no RTD head). Reads only the config of ``model``, never its weights, so it works for a
+    model built partitioned under ZeRO-3 (the caller loads the result module by module)."""
+    names = {name for name, _ in model.named_parameters()}
     disc_state = read_hf_state_dict(discriminator_path)
     encoder = encoder_weights(disc_state, keep_absolute_positions=False)
     e_d = encoder.pop("embeddings.word_embeddings.weight")
-    if e_d.shape != model.generator.word_embeddings.weight.shape:
+    expected = (model.config.vocab_size, model.config.word_embedding_size)
+    if tuple(e_d.shape) != expected:
         raise ValueError(f"{discriminator_path}: word embedding {tuple(e_d.shape)} does not fit the model's "
-                         f"{tuple(model.generator.word_embeddings.weight.shape)} (vocabulary of the data?)")
-    discriminator = model.discriminator.deberta
-    _load_into_partial(discriminator, encoder, discriminator_path)
-    head = {k[len("mask_predictions."):]: v for k, v in rtd_head_weights(disc_state).items()}
-    if head:  # a bare encoder folder has none: the head then starts fresh
-        load_strict(model.discriminator.mask_predictions, head, discriminator_path)
+                         f"{expected} (vocabulary of the data?)")
+    weights = {f"discriminator.deberta.{k}": v for k, v in encoder.items()}
+    weights.update({f"discriminator.{k}": v for k, v in rtd_head_weights(disc_state).items()})
+    _check_covers(weights, names, "discriminator.deberta.", discriminator_path)
 
+    generator_words = "generator.deberta.embeddings.word_embeddings.weight"
     if generator_path:
         gen_state = read_hf_state_dict(generator_path)
-        gen_weights = {f"deberta.{k}": v for k, v in encoder_weights(gen_state, model.rtd.enhanced_mask_decoder).items()}
-        gen_weights.update(mlm_head_weights(gen_state, generator_path))
-        load_strict(model.generator, gen_weights, generator_path)  # nothing may be left at random init
-        e_g = model.generator.word_embeddings.weight
+        gen_weights = {f"generator.deberta.{k}": v
+                       for k, v in encoder_weights(gen_state, model.rtd.enhanced_mask_decoder).items()}
+        gen_weights.update({f"generator.{k}": v for k, v in mlm_head_weights(gen_state, generator_path).items()})
+        _check_covers(gen_weights, names, "generator.", generator_path)  # nothing may be left at random init
+        weights.update(gen_weights)
+        e_g = gen_weights[generator_words]
     else:
-        model.generator.word_embeddings.weight.copy_(e_d)
         e_g = e_d
+    weights[generator_words] = e_g
+    if model.rtd.sharing == "gdes":
+        weights["discriminator.deberta.embeddings.word_embeddings.delta_weight"] = e_d - e_g
+    elif model.rtd.sharing == "nes":  # its own table
+        weights["discriminator.deberta.embeddings.word_embeddings.weight"] = e_d
+    else:  # ES: one table, the discriminator's
+        weights[generator_words] = e_d
+    unexpected = sorted(set(weights) - names)
+    if unexpected:
+        raise ValueError(f"{discriminator_path}: weights the model does not have: {unexpected[:8]}")
+    return weights
 
-    words = discriminator.embeddings.word_embeddings
-    if isinstance(words, GradientDisentangledEmbedding):
-        words.delta_weight.copy_(e_d - e_g)
-    else:  # NES: its own table; ES: the shared table (the generator's is overwritten with E_D)
-        words.weight.copy_(e_d)
+
+def _check_covers(weights: dict[str, torch.Tensor], names: set[str], prefix: str, source: str) -> None:
+    """Every parameter under ``prefix`` (but the word embedding, set by the sharing mode) is given."""
+    missing = sorted(n for n in names if n.startswith(prefix) and "word_embeddings" not in n and n not in weights
+                     and not n.startswith("discriminator.mask_predictions"))
+    if missing:
+        raise ValueError(f"{source}: checkpoint does not fit the model: missing {missing[:8]}")
+
+
+@torch.no_grad()
+def initialize_from_hf(model: RTDModel, discriminator_path: str, generator_path: str | None = None) -> None:
+    """Continued pretraining of a model built whole (not partitioned): copy the HF weights in."""
+    weights = hf_initial_weights(model, discriminator_path, generator_path)
+    for name, parameter in model.named_parameters():
+        if name in weights:
+            if tuple(weights[name].shape) != tuple(parameter.shape):
+                raise ValueError(f"{name}: {tuple(weights[name].shape)} in the checkpoint, {tuple(parameter.shape)} "
+                                 "in the model")
+            parameter.copy_(weights[name])
     log.info("initialised from %s%s (sharing=%s)", discriminator_path,
              f" and generator {generator_path}" if generator_path else "", model.rtd.sharing)
-
-
-def _load_into_partial(encoder: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load everything of the encoder except its word embedding (set by the sharing mode)."""
-    result = encoder.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if "word_embeddings" not in k]
-    if result.unexpected_keys or missing:
-        raise ValueError(f"{source}: checkpoint does not fit the discriminator: missing {missing[:8]}, "
-                         f"unexpected {sorted(result.unexpected_keys)[:8]}")

@@ -192,6 +192,11 @@ class RTDModel(nn.Module):
             discriminator_embeddings = None
         self.discriminator = ReplacedTokenDetectionModel(config, discriminator_embeddings)
 
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Recompute every ``every``-th encoder layer of both models in the backward (0: off)."""
+        for model in (self.generator, self.discriminator):
+            model.deberta.encoder.checkpoint_every = every
+
     # -- what rebuilds this model (a checkpoint stores it; export reads it) ---------------------
     def describe(self) -> dict:
         return {"encoder_config": self.config.to_dict(), "rtd_config": self.rtd.to_dict(),

@@ -8,6 +8,7 @@ parameter of that module, so it is gathered in that module's hooks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import deepspeed
@@ -31,6 +32,70 @@ from engine.train.optim import (
 
 def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def construct(make_model: Callable[[], RTDModel], ds_config: dict, partitioned: bool, seed: int = 0) -> RTDModel:
+    """The model, built whole, or (``partitioned``, ZeRO-3) already cut into per-rank partitions.
+
+    Under ``deepspeed.zero.Init`` each module's parameters are partitioned as soon as the module
+    exists, so no rank ever holds the whole model. The model's own initialisation ran on empty
+    partitions there; :func:`initialize_partitions` draws it again on each rank's own partition.
+    """
+    if not partitioned:
+        return make_model()
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = make_model()
+    initialize_partitions(model, model.config.initializer_range, seed)
+    return model
+
+
+@torch.no_grad()
+def initialize_partitions(model: nn.Module, std: float, seed: int) -> None:
+    """``init_weights``'s scheme on ZeRO-3 partitions, without gathering anything: every rule is
+    elementwise (normal(0, std) matrices and tables, zero biases, unit LayerNorms, a zero padding
+    row), so each rank draws the elements it holds, from a generator of its own (seed, rank)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            local = parameter.ds_tensor
+            size = local.ds_numel if hasattr(local, "ds_numel") else local.numel()
+            start = rank * size
+            count = max(0, min(size, parameter.ds_numel - start))  # the last partition may be padded
+            held = local.view(-1)[:count]
+            if isinstance(module, nn.Linear | nn.Embedding) and name == "weight":
+                held.copy_(torch.empty(count).normal_(0.0, std, generator=generator))
+                padding = getattr(module, "padding_idx", None)
+                if padding is not None:  # the padding row's elements, where this partition holds them
+                    row = parameter.ds_shape[-1]
+                    low, high = max(padding * row - start, 0), min((padding + 1) * row - start, count)
+                    if low < high:
+                        held[low:high].zero_()
+            elif isinstance(module, nn.Linear) and name == "bias":
+                held.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                held.fill_(1.0 if name == "weight" else 0.0)
+
+
+@torch.no_grad()
+def load_weights(model: RTDModel, weights: dict[str, torch.Tensor] | None, partitioned: bool) -> None:
+    """Copy ``weights`` (parameter name -> value) into the model. Partitioned: module by module,
+    gathering only that module's parameters; only rank 0 needs ``weights`` (others pass None)."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) in names]
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=0, enabled=partitioned):
+            if rank == 0 or not partitioned:
+                for parameter in own:
+                    value = weights.get(names[id(parameter)])
+                    if value is not None:
+                        if tuple(value.shape) != tuple(parameter.shape):
+                            raise ValueError(f"{names[id(parameter)]}: {tuple(value.shape)} in the checkpoint, "
+                                             f"{tuple(parameter.shape)} in the model")
+                        parameter.copy_(value)
 
 
 @dataclass

@@ -21,13 +21,13 @@ import torch
 from engine.config import RTDConfig, RunConfig
 from engine.errors import CheckpointError, ConfigError, InputError, OutputError
 from engine.model import RTDModel
-from engine.model.init_from_hf import initialize_from_hf
+from engine.model.init_from_hf import hf_initial_weights
 from engine.train import checkpoint, distributed
 from engine.train.checkpoint import CheckpointInfo, TrainState
 from engine.train.data import TrainingData, open_training_data
 from engine.train.distributed import DistributedEnv
 from engine.train.logger import setup_logging
-from engine.train.parallel import ParallelModel, parallelize, zero_stage
+from engine.train.parallel import ParallelModel, construct, load_weights, parallelize, zero_stage
 from engine.train.preemption import StopRequest
 from engine.train.step import seed_step
 
@@ -52,13 +52,29 @@ def write_run_config(config: RunConfig, output_dir: Path) -> None:
         raise OutputError(f"output_dir: cannot write {output_dir}: {error.strerror or error}") from error
 
 
-def build_model(config: RunConfig, data: TrainingData) -> RTDModel:
-    """The RTD model for the data's vocabulary; identical initial weights on every rank."""
+def build_model(config: RunConfig, data: TrainingData, ds_config: dict, env: DistributedEnv) -> RTDModel:
+    """The RTD model for the data's vocabulary, identical on every rank: built whole, or under
+    ZeRO-3 (``train.partitioned_construction``) already partitioned; from a HF folder's weights
+    with ``model.init_from`` (read by rank 0 alone when partitioned)."""
+    partitioned = config.train.partitioned_construction and zero_stage(ds_config) == 3
     seed_step(config.train.seed, 0, 0)
-    model = RTDModel(config.encoder_config(data.vocab_size), config.rtd, data.mask_token_id)
+    model = construct(lambda: RTDModel(config.encoder_config(data.vocab_size), config.rtd, data.mask_token_id),
+                      ds_config, partitioned, seed=config.train.seed)
+    model.set_activation_checkpointing(config.train.activation_checkpointing)
     if config.model.init_from:
-        with input_context("model.init_from"):
-            initialize_from_hf(model, config.model.init_from, config.model.init_generator_from)
+        weights, refusal = None, None
+        if env.is_main or not partitioned:
+            try:
+                weights = hf_initial_weights(model, config.model.init_from, config.model.init_generator_from)
+            except (ValueError, OSError, InputError) as error:
+                refusal = f"model.init_from: {error}"
+        refusal = distributed.rank0_value(refusal)  # one rank reads; every rank refuses together
+        if refusal is not None:
+            raise ConfigError(refusal)
+        load_weights(model, weights, partitioned)
+        log.info("initialised from %s%s (sharing=%s)", config.model.init_from,
+                 f" and generator {config.model.init_generator_from}" if config.model.init_generator_from else "",
+                 config.rtd.sharing)
     return model
 
 
@@ -179,7 +195,7 @@ class Trainer:
             with input_context(f"resume from {resume_from}: the data loader's state (resume with the run's own "
                                "data and train.seed, or start a new run)"):
                 data.loader.load_state_dict(saved.state.loader)
-        model = build_model(config, data)
+        model = build_model(config, data, ds_config, env)
         output_dir = Path(config.output_dir)
         if env.is_main:  # only once data, model and resume point are known good: a refused run changes nothing
             write_run_config(config, output_dir)
