@@ -188,3 +188,34 @@ def test_explicit_resume_from_an_older_checkpoint_sets_the_later_ones_aside(unin
     assert [checkpoint.read_state(p)["step"] for p in checkpoint.complete_checkpoints(root)] == [N, N + 1]
     (abandoned,) = root.glob("abandoned-*")
     assert checkpoint.is_complete(abandoned / checkpoint.tag_for_step(2 * N))  # kept, out of auto-resume's way
+
+
+def test_pretraining_at_1024_tokens_trains_and_asks_for_positions_the_emd_needs(tmp_path):
+    data = tmp_path / "long"
+    prepared = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "data", "prepare", "--output", str(data), "--vocab-size", "1000",
+         "--seq-len", "1024", "--validation-fraction", "0.05", "--input-sentence-size", "20000", "--no-progress"],
+        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=900)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    small = ("--train.steps", "2", "--train.global-batch", "2", "--train.micro-batch", "2")
+    refused = run_pretrain(tmp_path / "refused", data, 1, *small, expect=2)
+    assert "the data's rows have 1024 tokens" in refused.stderr and "--model.max-position-embeddings 1024" in \
+        refused.stderr
+    output = tmp_path / "run"
+    run_pretrain(output, data, 1, *small, "--model.max-position-embeddings", "1024",
+                 "--model.max-relative-positions", "512", "--train.activation-checkpointing", "1")
+    losses = step_losses(output)
+    assert sorted(losses) == [1, 2] and all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
+    state = checkpoint.read_state(checkpoint.latest_complete(checkpoint.checkpoint_root(output)))
+    assert state["encoder_config"]["max_position_embeddings"] == 1024
+    assert state["encoder_config"]["max_relative_positions"] == 512
+
+
+def test_activation_checkpointing_under_zero3_trains_exactly_as_without(uninterrupted, tiny_dataset, tmp_path):
+    output = tmp_path / "recomputed"
+    run_pretrain(output, tiny_dataset, 2, "--train.steps", str(2 * N), "--checkpoint.interval", str(N),
+                 "--train.activation-checkpointing", "1")
+    expected, got = step_losses(uninterrupted), step_losses(output)
+    assert sorted(got) == list(range(1, 2 * N + 1))
+    for step in expected:  # dropout on: the recomputation replays its masks, so every loss is the same
+        assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"

@@ -38,7 +38,8 @@ class ModelSection:
     hidden_dropout_prob: float | None = None  # None: the preset's (0.1)
     attention_probs_dropout_prob: float | None = None
     position_buckets: int | None = None
-    max_position_embeddings: int | None = None
+    max_position_embeddings: int | None = None  # also the longest row the EMD's absolute positions reach
+    max_relative_positions: int | None = None  # None: the preset's (-1: max_position_embeddings)
     init_from: str | None = None  # a HF DeBERTa-v3 folder: continued pretraining of its weights
     init_generator_from: str | None = None  # a HF DebertaV2ForMaskedLM folder for the generator
 
@@ -230,7 +231,7 @@ class RunConfig:
         overrides = {
             name: getattr(self.model, name)
             for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "position_buckets",
-                         "max_position_embeddings")
+                         "max_position_embeddings", "max_relative_positions")
             if getattr(self.model, name) is not None
         }
         source = f"model.init_from={self.model.init_from}" if self.model.init_from else f"model.preset={self.model.preset}"

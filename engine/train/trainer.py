@@ -52,6 +52,17 @@ def write_run_config(config: RunConfig, output_dir: Path) -> None:
         raise OutputError(f"output_dir: cannot write {output_dir}: {error.strerror or error}") from error
 
 
+def check_fits_the_data(config: RunConfig, data: TrainingData) -> None:
+    """Settings that must agree with the data's rows, refused before anything is built."""
+    encoder = config.encoder_config(data.vocab_size)
+    if config.rtd.enhanced_mask_decoder and data.seq_len > encoder.max_position_embeddings:
+        raise ConfigError(f"model.max_position_embeddings: the data's rows have {data.seq_len} tokens, but the "
+                          f"generator's Enhanced Mask Decoder has absolute positions up to "
+                          f"{encoder.max_position_embeddings}; set --model.max-position-embeddings {data.seq_len} "
+                          "(and --model.max-relative-positions to keep the relative geometry), or "
+                          "--rtd.enhanced-mask-decoder false")
+
+
 def build_model(config: RunConfig, data: TrainingData, ds_config: dict, env: DistributedEnv) -> RTDModel:
     """The RTD model for the data's vocabulary, identical on every rank: built whole, or under
     ZeRO-3 (``train.partitioned_construction``) already partitioned; from a HF folder's weights
@@ -190,6 +201,7 @@ class Trainer:
 
         data = open_training_data(config, rank=env.rank, world_size=env.world_size)
         log.info("data: %s", data.describe())
+        check_fits_the_data(config, data)
         if saved is not None:  # refuse another model, other data or another seed now, before any model is built
             check_resumable(config, data, resume_from, saved)
             with input_context(f"resume from {resume_from}: the data loader's state (resume with the run's own "
