@@ -58,3 +58,14 @@ def test_schedule_warms_up_then_decays_each_group_from_its_own_base():
     lrs = apply_group_settings(optimizer, group_settings(optim), schedule.factor(55), (0.9, 0.98), 1e-6)
     assert lrs["gen_decay"] == 0.5e-3 * 0.5 and lrs["disc_decay"] == 1e-3 * 0.5
     assert {g["name"]: g["weight_decay"] for g in optimizer.param_groups}["gen_no_decay"] == 0.0
+
+
+def test_groups_of_a_model_built_partitioned_follow_the_true_shapes():
+    """Under ZeRO-3's zero.Init a parameter is an empty flat partition; its shape is ds_shape."""
+    model = build_model("gdes")
+    expected = {group["name"]: len(group["params"]) for group in build_param_groups(model, OptimSection())}
+    for parameter in model.parameters():  # what zero.Init leaves behind
+        parameter.ds_shape = parameter.shape
+        parameter.data = torch.empty(0)
+    got = {group["name"]: len(group["params"]) for group in build_param_groups(model, OptimSection())}
+    assert got == expected and expected["gen_decay"] > 0 and expected["disc_decay"] > 0

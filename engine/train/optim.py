@@ -31,7 +31,9 @@ class GroupSettings:
 
 
 def _is_no_decay(name: str, parameter: nn.Parameter) -> bool:
-    return parameter.dim() < 2 or "LayerNorm" in name or name.endswith(".bias")
+    # A ZeRO-3 partitioned parameter is a flat partition: its true shape is ds_shape.
+    dimensions = len(getattr(parameter, "ds_shape", parameter.shape))
+    return dimensions < 2 or "LayerNorm" in name or name.endswith(".bias")
 
 
 def group_settings(optim: OptimSection) -> dict[str, GroupSettings]:
