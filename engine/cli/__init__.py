@@ -24,12 +24,14 @@ from data_pipeline.cli import register as register_data
 from engine.ablation.cli import register as register_ablate
 from engine.cli.bench import register as register_bench
 from engine.cli.export import register as register_export
+from engine.cli.launch import register as register_launch
 from engine.cli.pretrain import register as register_pretrain
 from engine.cli.slurm_submit import register as register_slurm
 from engine.errors import EXIT_BAD_INPUT, InputError
 
 # In the order of a user's day.
-SUBCOMMANDS = (register_data, register_pretrain, register_export, register_bench, register_slurm, register_ablate)
+SUBCOMMANDS = (register_data, register_pretrain, register_launch, register_export, register_bench, register_slurm,
+               register_ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:
