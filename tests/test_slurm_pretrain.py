@@ -235,9 +235,12 @@ def test_a_sigkilled_rank_is_requeued_and_resumes_from_the_last_checkpoint_to_th
 ):
     run = submit_tiny(slurm_env, tmp_path, tiny_dataset)
     wait_while_running(slurm_env, run, lambda: CHECKPOINT_INTERVAL in complete_steps(run.run_dir), "a checkpoint")
+    victim = rank_process(run.job_id, 1)
+    # One step past the checkpoint, so that the crash loses a step and the resumed run redoes it.
+    wait_while_running(slurm_env, run, lambda: CHECKPOINT_INTERVAL + 1 in logged_steps(run.run_dir), "a step")
     # What the out-of-memory killer or a hardware fault does to one rank: rank 0 then fails in
     # its next collective (gloo: "Connection closed by peer").
-    rank_process(run.job_id, 1).kill()
+    victim.kill()
 
     job = wait_for_job(slurm_env, run.job_id, timeout=JOB_TIMEOUT)
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", run.logs()
@@ -259,7 +262,9 @@ def test_a_sigkilled_rank_is_requeued_and_resumes_from_the_last_checkpoint_to_th
     # Steps after the checkpoint ran twice (before the crash, and after the resume): the later
     # entry of each is the resumed run's, and every step equals the uninterrupted run's.
     steps = logged_steps(run.run_dir)
+    assert steps.count(CHECKPOINT_INTERVAL + 1) == 2, steps
     resumed_at = len(steps) - steps[::-1].index(CHECKPOINT_INTERVAL + 1) - 1
+    assert steps[:CHECKPOINT_INTERVAL] == list(range(1, CHECKPOINT_INTERVAL + 1)), steps
     assert steps[resumed_at:] == list(range(CHECKPOINT_INTERVAL + 1, STEPS + 1)), steps
     expected, got = step_losses(reference.run_dir), step_losses(run.run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))

@@ -348,7 +348,7 @@ def _plan_pretrain(template, options, env, job_args, job_name, runs_root, slurm_
         env["DV3_REQUEUE"] = "0"
     # The run folder is named here, not after the job id, so that the printed sbatch command
     # (which carries it) continues this very run when it is run again.
-    run_dir = run_dir or new_run_dir(runs_root, job_name, reserve)
+    run_dir = run_dir or new_run_dir(runs_root, f"{job_name}-chain" if chain and chain > 1 else job_name, reserve)
     env["DV3_RUN_DIR"] = str(run_dir)
     pattern = "%x-%A_%a.out" if array else "%x-%j.out"
     shown_run_dir = str(run_dir)
