@@ -130,7 +130,9 @@ dv3_wait() {
 # How a pretrain step's tasks ended, from the statuses slurm/srun_task.sh wrote to DIR/rank-<r>.
 # dv3_task_verdict DIR NTASKS sets DV3_VERDICT and DV3_RANK_STATUSES ("rank 0: 1, rank 1: 137
 # (SIGKILL)"). The rule, in this order (docs/cluster.md, "A crashed rank"):
-#   preempted  some rank exited 75: it checkpointed on SIGUSR1/SIGTERM (all ranks agree on it)
+#   preempted  some rank exited 75: it checkpointed on SIGUSR1/SIGTERM (all ranks agree on it);
+#              or was killed by SIGUSR1 (138), which only ever asks for a stop: it came while the
+#              rank was starting, before its handler was installed, and there was nothing to save
 #   bad-input  some rank exited 2: a setting, the data or a checkpoint was refused; a retry would
 #              be refused the same way
 #   crashed    some rank was killed by a signal other than TERM (137 SIGKILL: the OOM killer, a
@@ -156,9 +158,9 @@ dv3_task_verdict() {
     if [ "$status" -gt 128 ]; then
       signal_name=$(kill -l "$((status - 128))" 2>/dev/null) || signal_name="signal $((status - 128))"
       DV3_RANK_STATUSES+=" (SIG$signal_name)"
-      [ "$status" != 143 ] && crashed=1
+      [ "$status" != 143 ] && [ "$status" != 138 ] && crashed=1
     fi
-    [ "$status" = 75 ] && preempted=1
+    [ "$status" = 75 ] || [ "$status" = 138 ] && preempted=1
     [ "$status" = 2 ] && bad_input=1
   done
   if [ "$preempted" = 1 ]; then

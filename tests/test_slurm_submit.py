@@ -386,6 +386,7 @@ def test_cpu_device_mode_selects_deepspeeds_cpu_accelerator(tmp_path):
 VERDICTS = [
     ([75, 75], "preempted"),
     ([75, 143], "preempted"),  # srun's --kill-on-bad-exit ended the slower rank while it was exiting
+    ([138, 138], "preempted"),  # SIGUSR1 while starting, before the stop handler: nothing to save yet
     ([1, 137], "crashed"),  # one rank SIGKILLed (an OOM kill), the other's gloo error
     ([1, 134], "crashed"),  # NCCL's watchdog aborted a rank
     ([1, None], "crashed"),  # a task (or its node) vanished without a status
