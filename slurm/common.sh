@@ -126,3 +126,68 @@ dv3_wait() {
   done
   DV3_WAIT_RC=$rc
 }
+
+# How a pretrain step's tasks ended, from the statuses slurm/srun_task.sh wrote to DIR/rank-<r>.
+# dv3_task_verdict DIR NTASKS sets DV3_VERDICT and DV3_RANK_STATUSES ("rank 0: 1, rank 1: 137
+# (SIGKILL)"). The rule, in this order (docs/cluster.md, "A crashed rank"):
+#   preempted  some rank exited 75: it checkpointed on SIGUSR1/SIGTERM (all ranks agree on it);
+#              or was killed by SIGUSR1 (138), which only ever asks for a stop: it came while the
+#              rank was starting, before its handler was installed, and there was nothing to save
+#   bad-input  some rank exited 2: a setting, the data or a checkpoint was refused; a retry would
+#              be refused the same way
+#   crashed    some rank was killed by a signal other than TERM (137 SIGKILL: the OOM killer, a
+#              fault, a person; 134 SIGABRT: NCCL's watchdog; 139 SIGSEGV, 135 SIGBUS), or never
+#              reported (its task or its node was killed): what a restart can cure. The other
+#              ranks then fail with a gloo/NCCL error (exit 1); that does not make it a stop.
+#   stopped    every rank reported, none crashed: pretrain stopped itself, e.g. exit 1 on every
+#              rank (too many non-finite losses, or the same error everywhere); 143 is a rank that
+#              srun's --kill-on-bad-exit ended while it was exiting anyway. A retry would repeat it.
+dv3_task_verdict() {
+  local dir=$1 ntasks=$2 rank status signal_name
+  local preempted=0 bad_input=0 crashed=0
+  DV3_RANK_STATUSES=""
+  for ((rank = 0; rank < ntasks; rank++)); do
+    status=$(cat "$dir/rank-$rank" 2>/dev/null) || status=""
+    [ -n "$DV3_RANK_STATUSES" ] && DV3_RANK_STATUSES+=", "
+    if ! [[ $status =~ ^[0-9]+$ ]]; then
+      DV3_RANK_STATUSES+="rank $rank: no status"
+      crashed=1
+      continue
+    fi
+    DV3_RANK_STATUSES+="rank $rank: $status"
+    if [ "$status" -gt 128 ]; then
+      signal_name=$(kill -l "$((status - 128))" 2>/dev/null) || signal_name="signal $((status - 128))"
+      DV3_RANK_STATUSES+=" (SIG$signal_name)"
+      [ "$status" != 143 ] && [ "$status" != 138 ] && crashed=1
+    fi
+    [ "$status" = 75 ] || [ "$status" = 138 ] && preempted=1
+    [ "$status" = 2 ] && bad_input=1
+  done
+  if [ "$preempted" = 1 ]; then
+    DV3_VERDICT=preempted
+  elif [ "$bad_input" = 1 ]; then
+    DV3_VERDICT=bad-input
+  elif [ "$crashed" = 1 ]; then
+    DV3_VERDICT=crashed
+  else
+    DV3_VERDICT=stopped
+  fi
+}
+
+# dv3_newest_checkpoint RUN_DIR: the tag of the newest complete checkpoint (step%08d sorts by
+# step), or "none"; a failure restart that ends with a newer one has made progress.
+dv3_newest_checkpoint() {
+  local marker newest=none
+  for marker in "$1"/checkpoints/step*/COMPLETE; do
+    [ -e "$marker" ] || continue
+    newest=$(basename "$(dirname "$marker")")
+  done
+  echo "$newest"
+}
+
+# dv3_failure_restarts FILE JOB CHECKPOINT: how many failure restarts FILE records for JOB while
+# CHECKPOINT was its newest checkpoint, i.e. in a row without progress.
+dv3_failure_restarts() {
+  [ -s "$1" ] || { echo 0; return; }
+  grep -F " job=$2 " "$1" | grep -F " checkpoint=$3 " | grep -cF " action=requeue" || true
+}

@@ -32,7 +32,7 @@ import pytest
 from engine.train import checkpoint
 from tests.support import REPO
 from tests.support.runs import step_losses
-from tests.support.slurm import DV3, SRUN_TASK, slurm, wait_for_job
+from tests.support.slurm import DV3, SRUN_TASK, rank_process, slurm, wait_for_job
 
 pytestmark = pytest.mark.slow
 
@@ -208,6 +208,98 @@ def test_usr1_preemption_checkpoints_requeues_and_resumes_to_the_same_losses(
     newest = checkpoint.latest_complete(checkpoint.checkpoint_root(run.run_dir))
     assert checkpoint.read_state(newest)["step"] == STEPS
     assert (run.run_dir / "slurm" / "FINISHED").is_file()
+
+
+# --- a crashed rank ---------------------------------------------------------------------------------
+
+
+def wait_while_running(env: dict[str, str], run: SubmittedRun, ready, what: str) -> None:
+    """Poll until `ready()`; the job must still be queued or running meanwhile."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not ready():
+        state = dict(re.findall(r"(\w+)=(\S*)", slurm(env, "scontrol", "show", "job", run.job_id)))["JobState"]
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job {run.job_id} {state} before {what}\n{run.logs()}"
+        assert time.monotonic() < deadline, f"no {what} after {JOB_TIMEOUT}s\n{run.logs()}"
+        time.sleep(0.1)
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    root = checkpoint.checkpoint_root(run_dir)
+    if not root.exists():
+        return []
+    return [checkpoint.read_state(path)["step"] for path in checkpoint.complete_checkpoints(root)]
+
+
+def test_a_sigkilled_rank_is_requeued_and_resumes_from_the_last_checkpoint_to_the_same_losses(
+    reference, slurm_env, tiny_dataset, tmp_path
+):
+    run = submit_tiny(slurm_env, tmp_path, tiny_dataset)
+    wait_while_running(slurm_env, run, lambda: CHECKPOINT_INTERVAL in complete_steps(run.run_dir), "a checkpoint")
+    victim = rank_process(run.job_id, 1)
+    # One step past the checkpoint, so that the crash loses a step and the resumed run redoes it.
+    wait_while_running(slurm_env, run, lambda: CHECKPOINT_INTERVAL + 1 in logged_steps(run.run_dir), "a step")
+    # What the out-of-memory killer or a hardware fault does to one rank: rank 0 then fails in
+    # its next collective (gloo: "Connection closed by peer").
+    victim.kill()
+
+    job = wait_for_job(slurm_env, run.job_id, timeout=JOB_TIMEOUT)
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", run.logs()
+    assert job["Restarts"] == "1", run.logs()
+    batch = run.batch_log.read_text()
+    checkpoint_tag = checkpoint.tag_for_step(CHECKPOINT_INTERVAL)
+    failed = r"pretrain failed \(srun status \d+; rank 0: \d+[^,]*, rank 1: 137 \(SIGKILL\)\): crashed"
+    assert re.search(failed, batch), batch
+    assert (f"a rank crashed; requeueing {run.job_id} to resume from the last complete checkpoint ({checkpoint_tag}): "
+            "failure restart 1 of 3 in a row without a new checkpoint") in batch, batch  # fmt: skip
+    assert f"job {run.job_id} restart 1 on n[1-2]" in batch and "finished; run dir" in batch, batch
+    failures = (run.run_dir / "slurm" / "failures").read_text().splitlines()
+    assert len(failures) == 1 and f" job={run.job_id} restart=0 " in failures[0], failures
+    assert failures[0].endswith(f"checkpoint={checkpoint_tag} action=requeue"), failures
+    rank0 = rank_log(run, 0)
+    resumed_from = checkpoint.checkpoint_root(run.run_dir) / checkpoint_tag
+    assert f"resumed from {resumed_from} at step {CHECKPOINT_INTERVAL}" in rank0, run.logs()
+
+    # Steps after the checkpoint ran twice (before the crash, and after the resume): the later
+    # entry of each is the resumed run's, and every step equals the uninterrupted run's.
+    steps = logged_steps(run.run_dir)
+    assert steps.count(CHECKPOINT_INTERVAL + 1) == 2, steps
+    resumed_at = len(steps) - steps[::-1].index(CHECKPOINT_INTERVAL + 1) - 1
+    assert steps[:CHECKPOINT_INTERVAL] == list(range(1, CHECKPOINT_INTERVAL + 1)), steps
+    assert steps[resumed_at:] == list(range(CHECKPOINT_INTERVAL + 1, STEPS + 1)), steps
+    expected, got = step_losses(reference.run_dir), step_losses(run.run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
+    assert complete_steps(run.run_dir)[-1] == STEPS and (run.run_dir / "slurm" / "FINISHED").is_file()
+
+    # The run can be continued from its folder alone: the recorded options and arguments, the same folder.
+    printed = subprocess.run([*DV3, "slurm", "submit", "pretrain", "--continue", str(run.run_dir), "--dry-run"],
+                             env={**slurm_env, "DV3_RERUN_FINISHED": "1"}, capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    words = printed.stdout.split()
+    assert f"DV3_RUN_DIR={run.run_dir}" in words[-len(pretrain_args(tiny_dataset)) - 2]
+    assert words[-len(pretrain_args(tiny_dataset)):] == pretrain_args(tiny_dataset)
+    assert {"--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=30"} <= set(words)
+    refused = subprocess.run([*DV3, "slurm", "submit", "pretrain", "--continue", str(run.run_dir)],
+                             env=slurm_env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "the run already finished" in refused.stderr, refused.stderr
+
+
+def test_a_crash_with_no_failure_budget_left_fails_the_job_and_says_why(slurm_env, tiny_dataset, tmp_path):
+    env = {**slurm_env, "DV3_MAX_FAILURE_RESTARTS": "0"}
+    run = submit_tiny(env, tmp_path, tiny_dataset)
+    wait_while_running(env, run, lambda: logged_steps(run.run_dir), "a step")
+    rank_process(run.job_id, 1).kill()
+
+    job = wait_for_job(env, run.job_id, timeout=JOB_TIMEOUT)
+    assert job["JobState"] == "FAILED" and job["ExitCode"] == "137:0", run.logs()
+    assert job["Restarts"] == "0", "not requeued"
+    batch = run.batch_log.read_text()
+    assert "rank 1: 137 (SIGKILL)): crashed" in batch, batch
+    assert "not requeueing: the failure budget is spent (DV3_MAX_FAILURE_RESTARTS=0)" in batch, batch
+    assert f"continue the run with: dv3 slurm submit pretrain --continue {run.run_dir}" in batch, batch
+    failures = (run.run_dir / "slurm" / "failures").read_text().splitlines()
+    assert len(failures) == 1 and failures[0].endswith("action=stop"), failures
 
 
 # --- MPI ------------------------------------------------------------------------------------------

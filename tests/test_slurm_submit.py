@@ -5,7 +5,9 @@ The runs on a real (local) SLURM cluster are in test_slurm_cluster.py.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine import cli
-from engine.cli.slurm_submit import SubmitError, build_plan, check_time, render_dry_run
+from engine.cli.slurm_submit import RECORDED_OPTIONS, SubmitError, build_plan, check_time, render_dry_run
 from tests.support import REPO
 
 SLURM_DIR = REPO / "slurm"
@@ -70,10 +72,13 @@ def test_dry_run_prints_the_exact_sbatch_command_for_a_cpu_pretrain(tmp_path, co
     )
     assert status == 0
     runs = tmp_path.resolve() / "runs"
-    assert shlex.split(out) == [
+    words = shlex.split(out)
+    # The run folder is named at submission, so the command itself continues this run when rerun.
+    run_dir = re.fullmatch(rf"--export=ALL,DV3_HOME={REPO},DV3_RUNS_ROOT={runs},DV3_RUN_DIR=(\S+)", words[9]).group(1)
+    assert re.fullmatch(rf"{runs}/dv3-pretrain-\d{{8}}-\d{{6}}", run_dir), run_dir
+    assert words[:9] + words[10:] == [
         "sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1",
         "--time=0:10:00", "--job-name=dv3-pretrain", f"--output={runs}/slurm-logs/%x-%j.out",
-        f"--export=ALL,DV3_HOME={REPO},DV3_RUNS_ROOT={runs}",
         str(SLURM_DIR / "pretrain.sbatch"), "--config", str(config_file.resolve()), "--train.micro-batch", "4",
     ]  # fmt: skip
     assert not runs.exists(), "a dry run creates nothing"
@@ -156,6 +161,81 @@ def test_a_template_can_be_given_by_path(tmp_path):
     (job,) = build_plan(parse([str(script)]), cwd=tmp_path)
     assert job.template == script.resolve()
     assert "--job-name=my-job" in job.options
+
+
+# --- continuing a run from its folder --------------------------------------------------------------
+
+
+def recorded_run(tmp_path: Path, config_file: Path, **options: str | None) -> Path:
+    """A run folder as `dv3 slurm submit pretrain` leaves it: slurm/submit.json."""
+    run_dir = tmp_path / "runs" / "dv3-pretrain-20261125-190951"
+    (run_dir / "slurm").mkdir(parents=True)
+    recorded = dict.fromkeys(RECORDED_OPTIONS) | {"nodes": "2", "gpus_per_node": "0", "cpus_per_task": "1",
+                                                  "time": "30"} | options
+    job_args = ["--config", str(config_file.resolve()), "--train.steps", "8"]
+    (run_dir / "slurm" / "submit.json").write_text(
+        json.dumps({"template": "pretrain", "options": recorded, "job_args": job_args, "job_ids": ["47"]}))
+    return run_dir
+
+
+def test_new_pretrain_runs_get_a_folder_of_their_own_named_at_submission(tmp_path):
+    first = build_plan(parse(["pretrain"]), cwd=tmp_path, reserve=True)[0].env["DV3_RUN_DIR"]
+    second = build_plan(parse(["pretrain"]), cwd=tmp_path, reserve=True)[0].env["DV3_RUN_DIR"]
+    assert Path(first).is_dir() and Path(second).is_dir() and first != second
+    assert Path(first).parent == tmp_path.resolve() / "runs" and Path(first).name.startswith("dv3-pretrain-")
+
+
+def test_continue_submits_the_recorded_options_and_arguments_into_the_same_folder(tmp_path, config_file):
+    run_dir = recorded_run(tmp_path, config_file)
+    (job,) = build_plan(parse(["pretrain", "--continue", str(run_dir)]), cwd=tmp_path)
+    assert job.env["DV3_RUN_DIR"] == str(run_dir.resolve())
+    assert {"--nodes=2", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=30"} <= set(
+        job.options
+    )
+    assert job.script_args == ["--config", str(config_file.resolve()), "--train.steps", "8"]
+    # Options given again replace the recorded ones; arguments after -- come after the recorded ones (and win).
+    (job,) = build_plan(parse(["pretrain", "--continue", str(run_dir), "--time", "60", "--", "--train.steps", "16"]),
+                        cwd=tmp_path)  # fmt: skip
+    assert "--time=60" in job.options and "--time=30" not in job.options
+    assert job.script_args[-4:] == ["--train.steps", "8", "--train.steps", "16"]
+
+
+def test_continuing_a_finished_run_needs_rerun_finished(tmp_path, config_file, monkeypatch):
+    run_dir = recorded_run(tmp_path, config_file)
+    (run_dir / "slurm" / "FINISHED").write_text("job 47 2026-11-25 19:13:09\n")
+    monkeypatch.delenv("DV3_RERUN_FINISHED", raising=False)
+    with pytest.raises(SubmitError, match="the run already finished .job 47.*DV3_RERUN_FINISHED=1"):
+        build_plan(parse(["pretrain", "--continue", str(run_dir)]), cwd=tmp_path)
+    monkeypatch.setenv("DV3_RERUN_FINISHED", "1")
+    (job,) = build_plan(parse(["pretrain", "--continue", str(run_dir), "--", "--train.steps", "16"]), cwd=tmp_path)
+    assert job.env["DV3_RERUN_FINISHED"] == "1", "the printed command is the whole story"
+
+
+CONTINUE_REFUSALS = [
+    (["--continue", "{run}", "--run-dir", "elsewhere"], "leave out --run-dir"),
+    (["--continue", "{tmp}/nowhere"], "is not a folder"),
+    (["--continue", "{tmp}"], "slurm/submit.json not found (the run was not submitted by dv3 slurm submit)"),
+    (["--continue", "{garbled}"], "is not a dv3 submit record"),
+    (["--continue", "{run};id"], "contains shell metacharacters"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), CONTINUE_REFUSALS, ids=[m for _, m in CONTINUE_REFUSALS])
+def test_continue_refusals_are_one_line_naming_the_folder(argv, message, tmp_path, config_file, capsys):
+    run = recorded_run(tmp_path, config_file)
+    garbled = tmp_path / "garbled"
+    (garbled / "slurm").mkdir(parents=True)
+    (garbled / "slurm" / "submit.json").write_text('{"options": ["--nodes=2"], "job_args": []}')
+    argv = [a.format(run=run, tmp=tmp_path, garbled=garbled) for a in argv]
+    status, out, err = run_cli(["pretrain", *argv], capsys)
+    assert status == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert message in err
+
+
+def test_continue_applies_to_pretrain_only(tmp_path, config_file, capsys):
+    run = recorded_run(tmp_path, config_file)
+    status, _, err = run_cli(["bench_kernels", "--continue", str(run)], capsys)
+    assert status == 2 and "--continue applies to the pretrain template" in err
 
 
 # --- refusals: one line naming the value, status 2 -------------------------------------------------
@@ -300,6 +380,62 @@ def test_cpu_device_mode_selects_deepspeeds_cpu_accelerator(tmp_path):
         DV3_HOME=str(REPO), DV3_BIN=sys.executable, SLURM_CPUS_PER_TASK="3",
     )  # fmt: skip
     assert out == "cpu cpu 3"
+
+
+# Rank statuses as slurm/srun_task.sh records them (None: no file, the task never reported) -> verdict.
+VERDICTS = [
+    ([75, 75], "preempted"),
+    ([75, 143], "preempted"),  # srun's --kill-on-bad-exit ended the slower rank while it was exiting
+    ([138, 138], "preempted"),  # SIGUSR1 while starting, before the stop handler: nothing to save yet
+    ([1, 137], "crashed"),  # one rank SIGKILLed (an OOM kill), the other's gloo error
+    ([1, 134], "crashed"),  # NCCL's watchdog aborted a rank
+    ([1, None], "crashed"),  # a task (or its node) vanished without a status
+    ([139, 139], "crashed"),
+    ([2, 2], "bad-input"),
+    ([2, 137], "bad-input"),  # a refusal first: retrying would be refused again
+    ([1, 1], "stopped"),  # the non-finite stop: every rank exits 1 together
+    ([1, 143], "stopped"),
+]
+
+
+@pytest.mark.parametrize(("statuses", "verdict"), VERDICTS, ids=[str(s) for s, _ in VERDICTS])
+def test_how_the_ranks_ended_decides_whether_a_crashed_run_is_retried(statuses, verdict, tmp_path):
+    for rank, status in enumerate(statuses):
+        if status is not None:
+            (tmp_path / f"rank-{rank}").write_text(f"{status}\n")
+    out = common_sh(f'dv3_task_verdict "{tmp_path}" {len(statuses)}; echo "$DV3_VERDICT|$DV3_RANK_STATUSES"')
+    got, described = out.split("|")
+    assert got == verdict, described
+    assert described.startswith(f"rank 0: {statuses[0]}")
+
+
+def test_rank_statuses_name_the_signal_that_killed_a_rank(tmp_path):
+    (tmp_path / "rank-0").write_text("1\n")
+    (tmp_path / "rank-1").write_text("137\n")
+    out = common_sh(f'dv3_task_verdict "{tmp_path}" 3; echo "$DV3_RANK_STATUSES"')
+    assert out == "rank 0: 1, rank 1: 137 (SIGKILL), rank 2: no status"
+
+
+def test_failure_restarts_count_per_job_since_its_newest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    for tag, complete in (("step00000004", True), ("step00000008", True), ("step00000012", False)):
+        (run / "checkpoints" / tag).mkdir(parents=True)
+        if complete:
+            (run / "checkpoints" / tag / "COMPLETE").write_text("\n")
+    assert common_sh(f'dv3_newest_checkpoint "{run}"') == "step00000008"
+    assert common_sh(f'dv3_newest_checkpoint "{tmp_path / "empty"}"') == "none"
+    failures = run / "failures"
+    failures.write_text(
+        "2026-11-30 17:52:28 job=3 restart=0 srun=137 ranks=x checkpoint=step00000004 action=requeue\n"
+        "2026-11-30 17:55:28 job=3 restart=1 srun=137 ranks=x checkpoint=step00000008 action=requeue\n"
+        "2026-11-30 17:58:28 job=3 restart=2 srun=137 ranks=x checkpoint=step00000008 action=requeue\n"
+        "2026-11-30 18:01:28 job=33 restart=0 srun=137 ranks=x checkpoint=step00000008 action=requeue\n"
+        "2026-11-30 18:04:28 job=3 restart=3 srun=137 ranks=x checkpoint=step00000008 action=stop\n"
+    )
+    assert common_sh(f'dv3_failure_restarts "{failures}" 3 step00000008') == "2"
+    assert common_sh(f'dv3_failure_restarts "{failures}" 3 step00000012') == "0", "a new checkpoint: progress"
+    assert common_sh(f'dv3_failure_restarts "{failures}" 4 step00000008') == "0", "another job: its own budget"
+    assert common_sh(f'dv3_failure_restarts "{tmp_path / "none"}" 3 none') == "0"
 
 
 # A child that stops like dv3 pretrain does on preemption: flag on USR1, exit 75.

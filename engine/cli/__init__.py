@@ -3,6 +3,7 @@
     dv3 data prepare|verify|stats    corpus to shards, integrity, contents
     dv3 plan                         per-device memory of a run, and the largest micro-batch that fits
     dv3 pretrain                     the main job, under any launcher
+    dv3 launch                       N ranks on this machine; stop signals reach every rank
     dv3 evaluate                     held-out RTD and MLM quality of a checkpoint, beside baselines
     dv3 ckpt universal               a checkpoint another world size can resume
     dv3 export                       a Hugging Face model folder from a checkpoint
@@ -27,14 +28,15 @@ from engine.ablation.cli import register as register_ablate
 from engine.cli.bench import register as register_bench
 from engine.cli.evaluate import register as register_evaluate
 from engine.cli.export import register as register_export
+from engine.cli.launch import register as register_launch
 from engine.cli.plan import register as register_plan
 from engine.cli.pretrain import register as register_pretrain
 from engine.cli.slurm_submit import register as register_slurm
 from engine.errors import EXIT_BAD_INPUT, InputError
 
 # In the order of a user's day.
-SUBCOMMANDS = (register_data, register_plan, register_pretrain, register_evaluate, register_export, register_bench,
-               register_slurm, register_ablate)
+SUBCOMMANDS = (register_data, register_plan, register_pretrain, register_launch, register_evaluate, register_export,
+               register_bench, register_slurm, register_ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,12 +14,19 @@ printed before it runs; ``--dry-run`` prints it (a runnable shell snippet when j
 each other) and stops there.
 
 The job's settings reach the template through ``--export=ALL,DV3_...``, so the printed command
-is the whole story: rerunning it submits the same job.
+is the whole story. A pretrain job's run folder is named at submission (``runs/<job
+name>-<date>-<time>``) and is part of that command: running it again continues the same run.
+``--continue RUN_DIR`` does the same from the folder alone, with the SLURM options and pretrain
+arguments recorded in ``RUN_DIR/slurm/submit.json`` when the run was submitted:
+
+    dv3 slurm submit pretrain --continue runs/dv3-pretrain-20261125-190951
+    dv3 slurm submit pretrain --continue runs/dv3-pretrain-20261125-190951 --time 2:00:00 -- --train.steps 400
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -250,11 +257,16 @@ def template_job_name(template: Path) -> str:
 # --- the plan -----------------------------------------------------------------------------------
 
 
-def build_plan(args: argparse.Namespace, cwd: Path | None = None) -> list[Job]:
-    """Check every value and turn them into the sbatch calls to make, in order."""
+def build_plan(args: argparse.Namespace, cwd: Path | None = None, reserve: bool = False) -> list[Job]:
+    """Check every value and turn them into the sbatch calls to make, in order. ``reserve``
+    creates the new run's folder (a pretrain run without ``--run-dir``), so that no other
+    submission picks the same name; a dry run creates nothing."""
     cwd = (cwd or Path.cwd()).resolve()
     template = resolve_template(args.template)
     kind = template.stem if template.parent == resource_root() / "slurm" else "custom"
+    rerun_finished = None
+    if getattr(args, "continue_dir", None):
+        rerun_finished = apply_continue(args, kind)
     job_args = check_job_args(template.stem, list(args.job_args))
 
     runs_root = check_path(
@@ -300,7 +312,10 @@ def build_plan(args: argparse.Namespace, cwd: Path | None = None) -> list[Job]:
     slurm_logs = runs_root / "slurm-logs"
 
     if kind == "pretrain":
-        return _plan_pretrain(template, options, env, job_args, job_name, runs_root, slurm_logs, run_dir, chain, array)
+        if rerun_finished:
+            env["DV3_RERUN_FINISHED"] = "1"
+        return _plan_pretrain(template, options, env, job_args, job_name, runs_root, slurm_logs, run_dir, chain, array,
+                              reserve)
     if chain is not None:
         raise SubmitError(f"--chain applies to the pretrain template, not {template.stem}")
     if kind == "prepare_data":
@@ -318,7 +333,7 @@ def build_plan(args: argparse.Namespace, cwd: Path | None = None) -> list[Job]:
     return [job]
 
 
-def _plan_pretrain(template, options, env, job_args, job_name, runs_root, slurm_logs, run_dir, chain, array):
+def _plan_pretrain(template, options, env, job_args, job_name, runs_root, slurm_logs, run_dir, chain, array, reserve):
     if chain is not None and array is not None:
         raise SubmitError("--chain and --array both make a chained run; use one of them")
     if array is not None:
@@ -329,14 +344,14 @@ def _plan_pretrain(template, options, env, job_args, job_name, runs_root, slurm_
         env["DV3_REQUEUE"] = "0"  # each link runs once; the next one continues the run
     if chain is not None and chain > 1:
         # Linked jobs: link k+1 starts when link k ends, however it ended, and resumes the same
-        # run folder, which therefore cannot be keyed by one job's id. Each link runs once (no
-        # self-requeue), so N links bound the cost.
-        run_dir = run_dir or runs_root / f"{job_name}-chain-{time.strftime('%Y%m%d-%H%M%S')}"
+        # run folder. Each link runs once (no self-requeue), so N links bound the cost.
         env["DV3_REQUEUE"] = "0"
-    if run_dir is not None:
-        env["DV3_RUN_DIR"] = str(run_dir)
+    # The run folder is named here, not after the job id, so that the printed sbatch command
+    # (which carries it) continues this very run when it is run again.
+    run_dir = run_dir or new_run_dir(runs_root, f"{job_name}-chain" if chain and chain > 1 else job_name, reserve)
+    env["DV3_RUN_DIR"] = str(run_dir)
     pattern = "%x-%A_%a.out" if array else "%x-%j.out"
-    shown_run_dir = str(run_dir or runs_root / f"{job_name}-{{id}}")
+    shown_run_dir = str(run_dir)
     logs = {
         "run dir": shown_run_dir,
         "batch log": str(slurm_logs / (f"{job_name}-{{id}}_<task>.out" if array else f"{job_name}-{{id}}.out")),
@@ -349,6 +364,78 @@ def _plan_pretrain(template, options, env, job_args, job_name, runs_root, slurm_
     for index in range(1, chain or 1):
         jobs.append(Job(template, link_options, env, job_args, after=("afterany", index - 1), logs=logs))
     return jobs
+
+
+def new_run_dir(runs_root: Path, job_name: str, reserve: bool) -> Path:
+    """``<runs root>/<job name>-<date>-<time>``, with ``-2``, ``-3``... when taken; made when ``reserve``."""
+    base = f"{job_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for index in range(1, 1000):
+        path = runs_root / (base if index == 1 else f"{base}-{index}")
+        if not reserve:
+            if not path.exists():
+                return path
+            continue
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise SubmitError(f"cannot create the run folder {path}: {error.strerror or error}") from error
+    raise SubmitError(f"{runs_root}: no free run folder name for {base}")
+
+
+SUBMIT_RECORD = Path("slurm") / "submit.json"
+# What ``--continue`` takes from the record when not given again (the chain options are not kept).
+RECORDED_OPTIONS = ("nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task", "time", "partition", "account",
+                    "qos", "job_name")
+
+
+def submit_record(args: argparse.Namespace, job: Job, job_ids: list[str]) -> dict:
+    """What ``<run dir>/slurm/submit.json`` keeps of a pretrain submission, for ``--continue``."""
+    return {"template": "pretrain", "options": {name: getattr(args, name) for name in RECORDED_OPTIONS},
+            "job_args": job.script_args, "job_ids": job_ids, "submitted": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def apply_continue(args: argparse.Namespace, kind: str) -> bool:
+    """Fill ``args`` from the run's submit record: its SLURM options unless given again, its
+    pretrain arguments followed by any given after ``--``, and its folder. Returns whether a
+    finished run is to be trained further (DV3_RERUN_FINISHED=1)."""
+    value = args.continue_dir
+    if kind != "pretrain":
+        raise SubmitError(f"--continue applies to the pretrain template, not {args.template}")
+    if args.run_dir:
+        raise SubmitError("--continue names the run folder already; leave out --run-dir")
+    run_dir = check_path("--continue", value)
+    record_path = run_dir / SUBMIT_RECORD
+    if not run_dir.is_dir():
+        raise SubmitError(f"--continue {value!r}: {run_dir} is not a folder")
+    if not record_path.is_file():
+        raise SubmitError(
+            f"--continue {value!r}: {record_path} not found (the run was not submitted by dv3 slurm submit); "
+            f"submit with --run-dir {run_dir}, its SLURM options and, after --, its pretrain arguments "
+            f"(its settings: {run_dir / 'run_config.json'})")
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        options, job_args = record["options"], record["job_args"]
+        if not (isinstance(options, dict) and isinstance(job_args, list)
+                and all(isinstance(v, (str, type(None))) for v in options.values())
+                and all(isinstance(a, str) for a in job_args)):
+            raise ValueError("options must map names to strings, job_args must be a list of strings")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise SubmitError(f"--continue {value!r}: {record_path} is not a dv3 submit record: {error}") from error
+    for name in RECORDED_OPTIONS:
+        if getattr(args, name) is None and options.get(name) is not None:
+            setattr(args, name, options[name])
+    args.job_args = [*job_args, *args.job_args]
+    args.run_dir = str(run_dir)
+    finished = run_dir / "slurm" / "FINISHED"
+    rerun = os.environ.get("DV3_RERUN_FINISHED") == "1"
+    if finished.exists() and not rerun:
+        raise SubmitError(
+            f"--continue {value!r}: the run already finished ({finished.read_text().strip()}); to train it "
+            "further, set DV3_RERUN_FINISHED=1 and give the new step count after --, e.g. -- --train.steps N")
+    return rerun and finished.exists()
 
 
 def _plan_prepare_data(template, options, env, job_args, job_name, slurm_logs, run_dir, array):
@@ -409,13 +496,17 @@ def _plan_prepare_data(template, options, env, job_args, job_name, slurm_logs, r
 # --- submission ---------------------------------------------------------------------------------
 
 
-def submit(jobs: list[Job]) -> list[str]:
-    """Run sbatch for each job in order; returns the job ids. Prints each exact command first."""
+def require_sbatch() -> None:
     if shutil.which("sbatch") is None:
         raise SubmitError(
             "sbatch not found on PATH: run this on a SLURM login node, or start the local test cluster "
             "with scripts/local_slurm.sh start and export the SLURM_CONF it prints"
         )
+
+
+def submit(jobs: list[Job]) -> list[str]:
+    """Run sbatch for each job in order; returns the job ids. Prints each exact command first."""
+    require_sbatch()
     ids: list[str] = []
     for job in jobs:
         for option in job.options:
@@ -428,7 +519,9 @@ def submit(jobs: list[Job]) -> list[str]:
         if result.returncode != 0:
             reason = (result.stderr.strip() or result.stdout.strip() or "no message").splitlines()[-1]
             already = f"; already submitted: {', '.join(ids)} (scancel them if unwanted)" if ids else ""
-            raise SubmitError(f"sbatch failed (status {result.returncode}): {reason}{already}")
+            error = SubmitError(f"sbatch failed (status {result.returncode}): {reason}{already}")
+            error.submitted = ids
+            raise error
         job_id = result.stdout.strip().split(";")[0]
         if not re.fullmatch(r"[0-9]+", job_id):
             raise SubmitError(f"sbatch printed {result.stdout.strip()!r}, not a job id")
@@ -493,7 +586,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dependency", metavar="SPEC", help="SLURM dependency, e.g. afterok:123")
     p.add_argument("--array", metavar="SPEC", help="job array: prepare_data parts (0-15), or a pretrain chain (1-5%%1)")
     p.add_argument("--chain", metavar="N", help="pretrain: N jobs, each starting when the previous ends, one run")
-    p.add_argument("--run-dir", metavar="DIR", help="the run folder (default: runs/<job name>-<job id>)")
+    p.add_argument("--run-dir", metavar="DIR", help="the run folder (pretrain default: runs/<job name>-<date>-<time>)")
+    p.add_argument("--continue", dest="continue_dir", metavar="RUN_DIR",
+                   help="pretrain: continue this run folder with the SLURM options and pretrain arguments it was "
+                   "submitted with (options given here replace them; arguments after -- are added)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch command(s) and submit nothing")
     p.set_defaults(func=run_submit, job_args=[])
 
@@ -503,5 +599,26 @@ def run_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(render_dry_run(jobs))
         return 0
-    submit(jobs)
+    require_sbatch()
+    is_pretrain = jobs[0].template == resource_root() / "slurm" / "pretrain.sbatch"
+    if is_pretrain and not args.run_dir and not args.continue_dir:
+        jobs = build_plan(args, reserve=True)  # the same plan, with the new run's folder made
+    run_dir = Path(jobs[0].env["DV3_RUN_DIR"]) if "DV3_RUN_DIR" in jobs[0].env else None
+    try:
+        ids = submit(jobs)
+    except SubmitError as error:
+        reserved = is_pretrain and run_dir is not None and not args.run_dir and not args.continue_dir
+        if reserved and not getattr(error, "submitted", None):
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # the folder reserved for a run that was not submitted
+        raise
+    if is_pretrain and run_dir is not None:
+        record = run_dir / SUBMIT_RECORD
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(submit_record(args, jobs[0], ids), indent=2) + "\n", encoding="utf-8")
+        except OSError as error:
+            print(f"warning: could not write {record} ({error.strerror or error}); --continue will not find it",
+                  file=sys.stderr)
+        print(f"continue this run later: dv3 slurm submit pretrain --continue {shlex.quote(str(run_dir))}")
     return 0

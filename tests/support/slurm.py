@@ -44,3 +44,24 @@ def wait_for_job(env: dict[str, str], job_id: str, timeout: float = 180) -> dict
             return fields
         assert time.monotonic() < deadline, f"job {job_id} still {fields['JobState']} after {timeout}s"
         time.sleep(0.5)
+
+
+def rank_process(job_id: str, rank: int, timeout: float = 60):
+    """The `dv3 pretrain` process of `rank` in SLURM job `job_id` (not its srun_task.sh wrapper), as a
+    psutil.Process: the virtual nodes are this machine, so every task is a local process."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                cmdline = process.info["cmdline"] or []
+                if "pretrain" not in cmdline or any(word.endswith("srun_task.sh") for word in cmdline):
+                    continue
+                env = process.environ()
+            except psutil.Error:
+                continue
+            if env.get("SLURM_JOB_ID") == job_id and env.get("RANK") == str(rank):
+                return process
+        assert time.monotonic() < deadline, f"no rank {rank} process of job {job_id} after {timeout}s"
+        time.sleep(0.2)
