@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from engine.config import add_config_flags, load_run_config, overrides_from_args
+from engine.train.preemption import StopRequest
 
 DESCRIPTION = """\
 Pretrain a DeBERTa-v3 discriminator with replaced token detection (an MLM generator whose
@@ -38,6 +39,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    stop = StopRequest()  # first: a stop signal during start-up waits for the first step boundary
+    stop.install()
     overrides = overrides_from_args(args)
     for key, value in (("output_dir", args.output_dir), ("resume", args.resume), ("model.init_from", args.init_from)):
         if value:
@@ -45,4 +48,4 @@ def run(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, overrides)
     from engine.train.loop import pretrain  # torch and DeepSpeed: only when a run starts
 
-    return pretrain(config)
+    return pretrain(config, stop)

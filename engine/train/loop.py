@@ -18,16 +18,20 @@ from engine.config import RunConfig
 from engine.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from engine.train import checkpoint, distributed, metrics
 from engine.train.logger import StepLogger
+from engine.train.preemption import StopRequest
 from engine.train.step import seed_step, train_step
 from engine.train.trainer import Trainer
 
 log = logging.getLogger("dv3")
 
 
-def pretrain(config: RunConfig) -> int:
-    trainer = Trainer.build(config)
+def pretrain(config: RunConfig, stop: StopRequest | None = None) -> int:
+    if stop is None:
+        stop = StopRequest()
+        stop.install()
+    trainer = Trainer.build(config, stop)
     env, state, parallel, model = trainer.env, trainer.state, trainer.parallel, trainer.parallel.model
-    train, every, stop = config.train, config.log, trainer.stop
+    train, every = config.train, config.log
     logger = StepLogger(
         Path(config.output_dir), is_main=env.is_main, world_size=env.world_size, device=parallel.device,
         total_steps=train.steps, global_batch=train.global_batch, seq_len=trainer.data.seq_len,
@@ -106,4 +110,5 @@ def pretrain(config: RunConfig) -> int:
                  checkpoint.checkpoint_root(config.output_dir), Path(config.output_dir) / "tensorboard")
     parallel.engine.destroy()  # DeepSpeed's hooks and buffers go before the process group does
     distributed.shutdown()
+    stop.ignore_further()
     return exit_code

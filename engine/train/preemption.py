@@ -20,3 +20,10 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:  # only sets a flag: no I/O in a signal handler
         self.signal_name = signal.Signals(signum).name
+
+    def ignore_further(self) -> None:
+        """Once the run has stopped: a late signal (srun's --kill-on-bad-exit sends TERM while the
+        process tears down, when Python has restored the default handlers) must not turn the exit
+        status into 143."""
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)

@@ -185,7 +185,9 @@ class Trainer:
     stop: StopRequest
 
     @classmethod
-    def build(cls, config: RunConfig) -> Trainer:
+    def build(cls, config: RunConfig, stop: StopRequest) -> Trainer:
+        """``stop`` is installed by the caller as early as it can be (before torch and DeepSpeed
+        load), so a stop signal during start-up waits for the first step boundary too."""
         env = distributed.discover()
         accumulation = config.gradient_accumulation_steps(env.world_size)  # before any process group
         ds_config = config.deepspeed_config(env.world_size, torch.cuda.is_available())
@@ -193,8 +195,6 @@ class Trainer:
 
         setup_logging(env.rank)
         distributed.init_process_group(env)
-        stop = StopRequest()  # from here on, SIGUSR1/SIGTERM wait for a step boundary
-        stop.install()
         resume_from, saved = agree_on_resume(config, env, zero_stage(ds_config))
         if saved is not None and saved.universal:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True

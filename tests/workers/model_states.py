@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from engine.config import build_run_config
-from engine.train.distributed import init_process_group, discover, shutdown
+from engine.train.distributed import discover, init_process_group, shutdown
 from engine.train.parallel import parallelize
 from engine.train.step import train_step
 from tests.support.models import build_model, rank_batch
