@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # `make demo`: the main job on this machine from nothing, in four steps:
-#   1. shards of the embedded English corpus in data/default (skipped when they verify)
-#   2. pretrain the `tiny` preset, RTD + GDES, 300 steps on 2 CPU ranks under ZeRO-3 (runs/demo)
+#   1. shards of the embedded English corpus in data/demo (skipped when they verify)
+#   2. pretrain the `tiny` preset, RTD + GDES, 500 steps on 2 CPU ranks under ZeRO-3 (runs/demo,
+#      configs/demo_cpu.yaml)
 #   3. export the discriminator (and the generator) as Hugging Face folders
-#   4. say where everything is and what the losses did
+#   4. score the model on held-out rows at its start and its end, beside trivial answers, and say
+#      where everything is
 # Re-running continues a stopped run (--resume auto); `rm -rf runs/demo` starts over.
 # Settings: DV3_DEMO_DATA, DV3_DEMO_RUN, DV3_DEMO_STEPS, DV3_DEMO_RANKS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PY="$VENV/bin/python"
-DATA="${DV3_DEMO_DATA:-data/default}"
+DATA="${DV3_DEMO_DATA:-data/demo}"
 RUN="${DV3_DEMO_RUN:-runs/demo}"
-STEPS="${DV3_DEMO_STEPS:-300}"
+STEPS="${DV3_DEMO_STEPS:-500}"
 RANKS="${DV3_DEMO_RANKS:-2}"
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   export DS_ACCELERATOR=cpu
@@ -24,18 +26,19 @@ echo "== 1/4 data: $DATA"
 if "$PY" -m engine.cli data verify "$DATA" --quick >/dev/null 2>&1; then
   echo "   $DATA verifies; reusing it"
 else
-  "$PY" -m engine.cli data prepare --output "$DATA" --vocab-size 8000 --seq-len 128 --validation-fraction 0.02
+  "$PY" -m engine.cli data prepare --output "$DATA" --vocab-size 2000 --seq-len 64 --validation-fraction 0.02
 fi
 
 echo "== 2/4 pretrain: tiny, $STEPS steps, $RANKS ranks, ZeRO-3 -> $RUN"
 port=$("$PY" -c "from engine.train.distributed import free_port; print(free_port())")
 "$PY" -m torch.distributed.run --nproc_per_node "$RANKS" --master_port "$port" -m engine.cli pretrain \
-  --config configs/tiny_cpu.yaml --output-dir "$RUN" --data.dirs "$DATA" --train.steps "$STEPS" --resume auto
+  --config configs/demo_cpu.yaml --output-dir "$RUN" --data.dirs "$DATA" --train.steps "$STEPS" --resume auto
 
 echo "== 3/4 export: $RUN/hf (discriminator), $RUN/hf-generator"
 "$PY" -m engine.cli export --checkpoint "$RUN" --output "$RUN/hf" --generator-output "$RUN/hf-generator" --overwrite
 
-echo "== 4/4 summary"
+echo "== 4/4 held-out quality at the start and the end"
+"$PY" -m engine.cli evaluate "$RUN" --from-start --sequences 512 --output "$RUN/evaluation.json"
 "$PY" - "$RUN" "$start" <<'PY'
 import json, sys, time
 from pathlib import Path
@@ -45,7 +48,7 @@ records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().spli
 steps = {r["step"]: r for r in records if "loss" in r}
 similarity = [r for r in records if "embedding_similarity" in r]
 first, last = steps[min(steps)], steps[max(steps)]
-print(f"losses, step {first['step']} -> {last['step']}:")
+print(f"training losses, step {first['step']} -> {last['step']}:")
 for key in ("loss", "mlm_loss", "rtd_loss", "generator_accuracy", "discriminator_accuracy", "replaced_fraction"):
     print(f"  {key:24s} {first[key]:8.4f} -> {last[key]:8.4f}")
 if similarity:

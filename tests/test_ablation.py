@@ -89,12 +89,16 @@ def test_report_tables_have_every_cell(ablation):
     for row in table2:
         assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", row[2]), row
 
+    summary = json.loads((ablation / "ablation.json").read_text())
     held_out = table_rows(report, "## RTD and MLM quality")
     assert [row[0] for row in held_out] == ["ES", "NES", "GDES"]
-    for row in held_out:
-        assert all(number.match(cell) for cell in row[1:]), row
+    precision = 3  # column index; undefined (shown as —) when a discriminator predicted no replaced token
+    for row, mode in zip(held_out, MODES, strict=True):
+        for column, cell in enumerate(row[1:], start=1):
+            undefined = column == precision and cell == "—" and math.isnan(summary["runs"][mode]["held_out"]["rtd_precision"])
+            assert number.match(cell) or undefined, row
+    assert "predicted no replaced token" in report
 
-    summary = json.loads((ablation / "ablation.json").read_text())
     for mode in MODES:
         held = summary["runs"][mode]["held_out"]
         assert 0.0 <= held["rtd_auc"] <= 1.0 and math.isfinite(held["mlm_loss"])

@@ -264,7 +264,8 @@ def held_out_table(runs: dict) -> list[str]:
     first = next(iter(runs.values()))["evaluation"]["held_out"]
     lines += ["", f"{first['sequences']} held-out sequences ({first['tokens']} tokens, {first['masked']} masked) with "
               "the same masks for every mode; each discriminator detects its own generator's replacements, so "
-              "the replaced fraction (how often the generator's sample differs from the original) differs by mode."]
+              "the replaced fraction (how often the generator's sample differs from the original) differs by mode. "
+              "A precision of — means that discriminator predicted no replaced token at all."]
     return lines
 
 

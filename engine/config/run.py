@@ -66,7 +66,7 @@ class RTDConfig:
     temperature: float = 1.0
     generator_layers: int | None = None
     enhanced_mask_decoder: bool = True  # the official v3 generator always has it
-    masking: str = "rtd"
+    masking: str = "official"  # the official masker's positions (one per window), all [MASK]
     mask_prob: float = 0.15
 
     def __post_init__(self) -> None:

@@ -156,7 +156,7 @@ def check_resumable(config: RunConfig, data: TrainingData, path: Path, saved: Ch
         if name not in ADJUSTABLE_ENCODER_FIELDS and name in saved_encoder and saved_encoder[name] != value:
             differences.append((f"encoder {name}", saved_encoder[name], value))
     saved_rtd = RTDConfig.from_dict(saved.model["rtd_config"]) if "rtd_config" in saved.model else config.rtd
-    for name in ("sharing", "generator_layers", "enhanced_mask_decoder"):
+    for name in ("sharing", "generator_layers", "enhanced_mask_decoder", "masking", "mask_prob"):
         if getattr(saved_rtd, name) != getattr(config.rtd, name):
             differences.append((f"rtd.{name}", getattr(saved_rtd, name), getattr(config.rtd, name)))
     saved_clip_mode = saved.config.get("optim", {}).get("clip_mode", LEGACY_VALUES["optim.clip_mode"])
