@@ -106,7 +106,10 @@ def disentangled_attention(
     0 = padding). ``scale`` defaults to ``1 / sqrt(3 * D)``. Returns ``[B, H, L, D]``.
     """
     check_attention_inputs(q, k, v, rel_key, rel_query, attention_mask, position_buckets, max_relative_positions)
-    if select_attention_path(q) == "fused":
+    if select_attention_path(q) == "fused" and torch.compiler.is_compiling():
+        # Under torch.compile: the kernels as one opaque custom op with their own backward (no graph break).
+        from kernels.custom_op import compilable_fused_attention as implementation
+    elif select_attention_path(q) == "fused":
         from kernels.fused import fused_disentangled_attention as implementation
     else:
         implementation = disentangled_attention_reference

@@ -197,6 +197,14 @@ class RTDModel(nn.Module):
         for model in (self.generator, self.discriminator):
             model.deberta.encoder.checkpoint_every = every
 
+    def compile_layers(self) -> None:
+        """``torch.compile`` every encoder layer of both models, in place (names and weights unchanged).
+        Layers of one shape share one compiled graph; the attention is one op in it (the fused
+        kernels as a custom op, ``kernels.custom_op``; the reference path traced)."""
+        for model in (self.generator, self.discriminator):
+            for layer in model.deberta.encoder.layer:
+                layer.compile(dynamic=False)
+
     # -- what rebuilds this model (a checkpoint stores it; export reads it) ---------------------
     def describe(self) -> dict:
         return {"encoder_config": self.config.to_dict(), "rtd_config": self.rtd.to_dict(),

@@ -7,6 +7,8 @@ discriminator:
 
 - ``dv3``: ``engine.model.DebertaV3Model`` (attention through ``kernels.disentangled_attention``:
   the fused Triton kernels on a GPU, the reference path on a CPU unless ``DV3_ATTENTION`` says);
+- ``dv3_compiled``: the same with every encoder layer under ``torch.compile`` (``train.compile``);
+  its warm-up steps include the compilation;
 - ``hf_eager``: ``transformers.DebertaV2Model`` with eager attention, loaded with the same weights.
 
 The machine may be shared and noisy, so the contenders are interleaved: after warm-up, each
@@ -69,8 +71,13 @@ def hf_twin(model: RTDModel) -> RTDModel:
     return model
 
 
+def compiled(model: RTDModel) -> RTDModel:
+    model.compile_layers()
+    return model
+
+
 # name -> how the contender is made from dv3's model (same initial weights for all)
-CONTENDERS = {"dv3": lambda model: model, "hf_eager": hf_twin}
+CONTENDERS = {"dv3": lambda model: model, "dv3_compiled": compiled, "hf_eager": hf_twin}
 BASELINE = "hf_eager"
 
 
@@ -163,9 +170,13 @@ def bench_preset(preset: str, names: list[str], *, vocab_size: int | None, shari
             "final_loss": final_loss[name],
         }
     if BASELINE in names:
+        # Per round, HF eager's forward+backward time over each contender's: the speed-up and its spread.
         entry["speedup_tokens_per_s"] = entry["dv3"]["tokens_per_s"] / entry[BASELINE]["tokens_per_s"]
-        entry["speedup_forward_backward"] = spread(
-            [theirs / ours for ours, theirs in zip(per_round["dv3"], per_round[BASELINE], strict=True)])
+        for name in names:
+            if name != BASELINE:
+                key = "speedup_forward_backward" + ("" if name == "dv3" else f"_{name.removeprefix('dv3_')}")
+                entry[key] = spread([theirs / ours for ours, theirs in
+                                     zip(per_round[name], per_round[BASELINE], strict=True)])
     for engine_parts in parallel.values():
         engine_parts.engine.destroy()
     return entry
@@ -183,7 +194,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sharing", default="gdes", choices=("es", "nes", "gdes"))
     parser.add_argument("--deepspeed-config", help="default: ds_configs/zero2_bf16.json on GPU, ds_configs/cpu.json on CPU")
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs' bf16 peak)")
-    parser.add_argument("--skip-hf", action="store_true", help="time dv3 only")
+    parser.add_argument("--skip-hf", action="store_true", help="do not time HF eager")
+    parser.add_argument("--skip-compiled", action="store_true", help="do not time the compiled layers")
     parser.add_argument("--output", help="JSON file to write (default: print only)")
 
 
@@ -201,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     ds_path = args.deepspeed_config or ("ds_configs/zero2_bf16.json" if gpu else "ds_configs/cpu.json")
     peak = metrics.device_peak_tflops(args.peak_tflops)
-    names = [name for name in CONTENDERS if not (args.skip_hf and name == BASELINE)]
+    names = [name for name in CONTENDERS
+             if not (args.skip_hf and name == BASELINE) and not (args.skip_compiled and name == "dv3_compiled")]
 
     env = distributed.discover()
     distributed.init_process_group(env)
@@ -234,14 +247,15 @@ def run(args: argparse.Namespace) -> int:
             r = entry[name]
             fb = r["forward_backward_ms"]
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-            print(f"{preset:>7} L={length} {name:>8}: fwd+bwd {fb['median']:8.1f} ms [{fb['min']:.1f}, {fb['max']:.1f}] "
+            print(f"{preset:>7} L={length} {name:>12}: fwd+bwd {fb['median']:8.1f} ms [{fb['min']:.1f}, {fb['max']:.1f}] "
                   f"optimizer {r['optimizer_ms']:6.1f} ms | {r['tokens_per_s']:9.0f} tok/s {r['model_tflops']:7.3f} "
                   f"TFLOP/s MFU {mfu:>6} peak {r['peak_memory_gib']:.2f} GiB")
-        if BASELINE in names:
-            ratio = entry["speedup_forward_backward"]
-            print(f"{preset:>7} dv3 / HF eager fwd+bwd speed: {ratio['median']:.2f}x "
-                  f"[{ratio['min']:.2f}, {ratio['max']:.2f}] over {ratio['rounds']} rounds; "
-                  f"dv3 / HF eager tokens/s: {entry['speedup_tokens_per_s']:.2f}x")
+        for key in (k for k in entry if k.startswith("speedup_forward_backward")):
+            ratio, who = entry[key], "dv3 " + (key.removeprefix("speedup_forward_backward").strip("_") or "eager")
+            print(f"{preset:>7} {who} / HF eager fwd+bwd speed: {ratio['median']:.2f}x "
+                  f"[{ratio['min']:.2f}, {ratio['max']:.2f}] over {ratio['rounds']} rounds")
+        if "speedup_tokens_per_s" in entry:
+            print(f"{preset:>7} dv3 / HF eager tokens/s: {entry['speedup_tokens_per_s']:.2f}x")
     if args.output and env.is_main:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

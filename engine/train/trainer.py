@@ -72,6 +72,8 @@ def build_model(config: RunConfig, data: TrainingData, ds_config: dict, env: Dis
     model = construct(lambda: RTDModel(config.encoder_config(data.vocab_size), config.rtd, data.mask_token_id),
                       ds_config, partitioned, seed=config.train.seed)
     model.set_activation_checkpointing(config.train.activation_checkpointing)
+    if config.train.compile:
+        model.compile_layers()
     if config.model.init_from:
         weights, refusal = None, None
         if env.is_main or not partitioned:
