@@ -280,7 +280,7 @@ def test_disk_full_during_prepare_is_a_clear_error_and_accepts_no_shard(
 
     monkeypatch.setattr(shards_module, "_open_for_write", FillingDisk)
     output = tmp_path / "data"
-    with pytest.raises(DataPipelineError, match="no space left while writing shards"):
+    with pytest.raises(OutputError, match="no space left while writing shards"):
         prepare_small(output, [corpus_dir], small_tokenizer)
     assert written["bytes"] > 60_000
     assert not (output / "manifest.json").exists() and not list((output / "parts").glob("*.json"))

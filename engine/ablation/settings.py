@@ -23,15 +23,15 @@ class AblationSettings:
     """What the three runs share. Every field is validated in :meth:`validate`, which names the field."""
 
     output_dir: Path
-    config: str = "configs/tiny_cpu.yaml"
+    config: str = "configs/demo_cpu.yaml"  # settings that learn in minutes on a CPU
     modes: tuple[str, ...] = SHARING_MODES
-    steps: int = 600
+    steps: int = 800
     seed: int = 0
     nproc: int = 1  # ranks per run on this machine (torch.distributed.run when > 1)
     threads: int = 1  # OMP/torch threads per process: the machine is shared
     default_corpus: str = "multilingual"
-    vocab_size: int = 8000
-    seq_len: int = 128
+    vocab_size: int = 2000
+    seq_len: int = 64
     validation_fraction: float = 0.05
     # --section.field values passed to every run unchanged (data.dirs among them when given)
     pretrain_overrides: dict[str, str] = field(default_factory=dict)
