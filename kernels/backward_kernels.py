@@ -21,6 +21,8 @@ from kernels.tiles import (
     cols_to_slots,
     keep_mask,
     load_band,
+    load_gradient_rows,
+    load_key_tile,
     load_rows,
     masked_log2_scores,
     rows_to_slots,
@@ -71,11 +73,7 @@ def dq_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     cols = j0 + offs_n
-    col_ok = cols < n_len
-    v = tl.load(V + base + cols[:, None] * stride_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    key_valid = col_ok
-    if HAS_MASK:
-        key_valid = tl.load(MASK + mask_base + cols, mask=col_ok, other=0) != 0
+    v, col_ok, key_valid = load_key_tile(V, MASK, base, mask_base, cols, offs_d, n_len, stride_l, HAS_MASK)
     g, _ = tile_grad(
         q, k, v, do, lse, delta, bias, col_ok, row_valid, key_valid, sm_scale,
         seed, rng_stream, rng_len, offs_m, j0, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
@@ -183,13 +181,8 @@ def dkv_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = i0 + offs_m_local
-    row_ok = rows < n_len
-    do = tl.load(DO + base + rows[:, None] * stride_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
-    row_valid = row_ok
-    if HAS_MASK:
-        row_valid = tl.load(MASK + mask_base + rows, mask=row_ok, other=0) != 0
+    do, lse, delta, row_valid = load_gradient_rows(DO, LSE, DELTA, MASK, base, row_base, mask_base, rows, offs_d, n_len,
+                                                   stride_l, HAS_MASK)
     g, p_dropped = tile_grad(
         q, k, v, do, lse, delta, bias, col_ok, row_valid, key_valid, sm_scale,
         seed, rng_stream, rng_len, rows, j0, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,

@@ -27,7 +27,17 @@ import triton
 import triton.language as tl
 
 from kernels.backward_kernels import tile_grad
-from kernels.tiles import band_bias, band_index, cols_to_slots, load_band, load_rows, rows_to_slots, sequence_span
+from kernels.tiles import (
+    band_bias,
+    band_index,
+    cols_to_slots,
+    load_band,
+    load_gradient_rows,
+    load_key_tile,
+    load_rows,
+    rows_to_slots,
+    sequence_span,
+)
 
 
 @triton.jit
@@ -91,11 +101,7 @@ def _dq_pairs(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOME_PAIRS: tl.constexpr,
 ):
     cols = j0 + offs_n
-    col_ok = cols < n_len
-    v = tl.load(V + base + cols[:, None] * stride_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    key_valid = col_ok
-    if HAS_MASK:
-        key_valid = tl.load(MASK + mask_base + cols, mask=col_ok, other=0) != 0
+    v, col_ok, key_valid = load_key_tile(V, MASK, base, mask_base, cols, offs_d, n_len, stride_l, HAS_MASK)
     g, _ = tile_grad(
         q, k, v, do, lse, delta, bias, col_ok, row_valid, key_valid, sm_scale,
         seed, zh, rng_len, offs_m, j0, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
@@ -114,13 +120,8 @@ def _dkv_pairs(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOME_PAIRS: tl.constexpr,
 ):
     rows = i0 + offs_m
-    row_ok = rows < n_len
-    do = tl.load(DO + base + rows[:, None] * stride_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
-    row_valid = row_ok
-    if HAS_MASK:
-        row_valid = tl.load(MASK + mask_base + rows, mask=row_ok, other=0) != 0
+    do, lse, delta, row_valid = load_gradient_rows(DO, LSE, DELTA, MASK, base, row_base, mask_base, rows, offs_d, n_len,
+                                                   stride_l, HAS_MASK)
     g, p_dropped = tile_grad(
         q, k, v, do, lse, delta, bias, col_ok, row_valid, key_valid, sm_scale,
         seed, zh, rng_len, rows, j0, dropout_p, HAS_MASK, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,

@@ -12,7 +12,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.tiles import band_bias, band_index, keep_mask, load_band, load_rows, masked_log2_scores, sequence_span
+from kernels.tiles import (
+    band_bias,
+    band_index,
+    keep_mask,
+    load_band,
+    load_key_tile,
+    load_rows,
+    masked_log2_scores,
+    sequence_span,
+)
 
 
 @triton.jit
@@ -23,11 +32,7 @@ def _fwd_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     cols = j0 + offs_n
-    col_ok = cols < n_len
-    v = tl.load(V + kv_base + cols[:, None] * stride_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    key_valid = col_ok
-    if HAS_MASK:
-        key_valid = tl.load(MASK + mask_base + cols, mask=col_ok, other=0) != 0
+    v, col_ok, key_valid = load_key_tile(V, MASK, kv_base, mask_base, cols, offs_d, n_len, stride_l, HAS_MASK)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) + bias
     s2 = masked_log2_scores(s, qk_scale, col_ok, row_valid, key_valid, HAS_MASK)
     m_new = tl.maximum(m_i, tl.max(s2, 1))

@@ -158,6 +158,32 @@ def load_rows(PTR, base, rows, n_len, stride_l, offs_d):
 
 
 @triton.jit
+def load_key_tile(V, MASK, base, mask_base, cols, offs_d, n_len, stride_l, HAS_MASK: tl.constexpr):
+    """A key tile's values, which of its columns exist, and which of those are tokens (not padding)."""
+    col_ok = cols < n_len
+    v = load_rows(V, base, cols, n_len, stride_l, offs_d)
+    key_valid = col_ok
+    if HAS_MASK:
+        key_valid = tl.load(MASK + mask_base + cols, mask=col_ok, other=0) != 0
+    return v, col_ok, key_valid
+
+
+@triton.jit
+def load_gradient_rows(DO, LSE, DELTA, MASK, base, row_base, mask_base, rows, offs_d, n_len, stride_l,
+                       HAS_MASK: tl.constexpr):
+    """What a backward pass reads of a query tile: the output gradient, the rows' log-sum-exp and
+    ``Delta = rowsum(dO * O)``, and which rows are tokens (rows past the end read as no row)."""
+    row_ok = rows < n_len
+    do = load_rows(DO, base, rows, n_len, stride_l, offs_d)
+    lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
+    row_valid = row_ok
+    if HAS_MASK:
+        row_valid = tl.load(MASK + mask_base + rows, mask=row_ok, other=0) != 0
+    return do, lse, delta, row_valid
+
+
+@triton.jit
 def sequence_span(CU, z, seq_len, VARLEN: tl.constexpr):
     """(first token, length) of sequence z: a packed slice, or the padded row of length seq_len."""
     if VARLEN:
