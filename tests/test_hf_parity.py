@@ -193,3 +193,24 @@ def test_every_accepted_activation_is_the_one_transformers_applies(activation):
     assert set(ACTIVATIONS) == set(SUPPORTED_ACTIVATIONS)  # the config accepts exactly what the model builds
     x = torch.linspace(-6, 6, 101)
     torch.testing.assert_close(ACTIVATIONS[activation](x), ACT2FN[activation](x), rtol=1e-6, atol=1e-6)
+
+
+def test_an_emd_generator_exports_and_hf_predicts_like_it_without_its_decoder(tmp_path):
+    """HF's DebertaV2ForMaskedLM has no Enhanced Mask Decoder: the exported EMD generator loads with
+    no missing weights, and its logits are exactly the generator's own with the decoder passes left out
+    (the MLM head on the last layer), which is what HF runs."""
+    config = encoder_config_from_hf(hf_v3_config(48, 4, 2, 16, 64).to_dict())
+    generator = MaskedLMModel(config, enhanced_mask_decoder=True).eval()
+    perturb(generator, seed=6)
+    save_hf_generator(generator, tmp_path)
+    loaded, info = DebertaV2ForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"]
+    assert set(info["unexpected_keys"]) <= {"deberta.embeddings.position_embeddings.weight"}  # the EMD's positions
+    ids, mask = right_padded_batch(30, 320, seed=14)
+    with torch.no_grad():
+        expected = loaded.eval()(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        with_decoder = generator(ids, mask, mask.bool())
+        generator.lm_predictions.enhanced = False
+        without_decoder = generator(ids, mask, mask.bool())
+    assert float((expected - without_decoder).norm() / expected.norm()) < 1e-5
+    assert float((expected - with_decoder).norm() / expected.norm()) > 1e-3  # the decoder does change predictions
