@@ -202,6 +202,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # The trainer's parts bring DeepSpeed; imported here so `dv3 --help` (which builds this parser) stays quick.
     from engine.train import distributed
+    from engine.train.logger import setup_logging
     from kernels.attention import attention_path_from_env
 
     gpu = torch.cuda.is_available()
@@ -217,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
              if not (args.skip_hf and name == BASELINE) and not (args.skip_compiled and name == "dv3_compiled")]
 
     env = distributed.discover()
+    setup_logging(env.rank)  # quiets DeepSpeed's per-step deprecation warnings
     distributed.init_process_group(env)
     report = {
         "benchmark": "dv3 bench train",
