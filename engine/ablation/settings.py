@@ -30,7 +30,7 @@ class AblationSettings:
     nproc: int = 1  # ranks per run on this machine (torch.distributed.run when > 1)
     threads: int = 1  # OMP/torch threads per process: the machine is shared
     default_corpus: str = "multilingual"
-    vocab_size: int = 2000
+    vocab_size: int = 6000  # the multilingual corpus has over 3,000 distinct characters (Chinese)
     seq_len: int = 64
     validation_fraction: float = 0.05
     # --section.field values passed to every run unchanged (data.dirs among them when given)
