@@ -14,8 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +42,7 @@ from tests.support.data import (
     read_rows,
     wikipedia_articles,
 )
+from tests.support.disk import tmpfs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -673,19 +672,6 @@ def test_output_that_is_a_file_is_one_line_and_exit_2(tmp_path: Path, corpus_dir
         assert code == 2, (command, stderr)
         assert len(stderr.strip().splitlines()) == 1 and str(target) in stderr and "Traceback" not in stderr, stderr
     assert target.read_bytes() == b"precious"
-
-
-@contextmanager
-def tmpfs(path: Path, options: str) -> Iterator[None]:
-    """A real small or read-only filesystem at ``path`` (needs root; the test is skipped without)."""
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def test_read_only_output_directory_is_one_line_exit_2_and_keeps_the_dataset(

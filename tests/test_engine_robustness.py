@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.train import checkpoint
+from tests.support.disk import tmpfs
 from tests.support.runs import REPO, UNINTERRUPTED_STEPS, run_env, run_pretrain, step_losses
 
 pytestmark = pytest.mark.slow
@@ -137,3 +138,15 @@ def test_export_ships_the_checkpoints_own_tokenizer_and_refuses_what_it_cannot_t
                          str(newest / checkpoint.STATE_FILE))
     assert not_a_model.returncode == 2 and "is not a sentencepiece model" in one_line_error(not_a_model, "export")
     assert not (tmp_path / "wrong").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_on_every_rank_and_marks_nothing(tiny_dataset, tmp_path):
+    disk = tmp_path / "small-disk"
+    with tmpfs(disk, "size=4m"):  # room for the run's logs, not for a checkpoint
+        output = disk / "run"
+        result = run_pretrain(output, tiny_dataset, 2, "--train.steps", "2", "--checkpoint.interval", "1", expect=1)
+        assert result.stderr.count("dv3 pretrain: error: checkpoint ") == 2, result.stderr[-3000:]  # both ranks
+        error = one_line_error(result)
+        assert "not marked complete; the earlier checkpoints are intact" in error and "no space left" in error
+        assert checkpoint.complete_checkpoints(checkpoint.checkpoint_root(output)) == []
+        assert (output / "run_config.json").is_file()  # what was written before is intact

@@ -195,9 +195,18 @@ def _raise_if_any_failed(failure: str | None, what: str) -> None:
                                                       if len(failures) > 1 else ""))
 
 
+# Less free space than this after a failed write means the disk is full: torch.save reports that as
+# a RuntimeError ("unexpected pos ...") without errno.
+FULL_DISK_BYTES = 64 * 2**20
+
+
 def _describe_os_error(error: BaseException, path: Path) -> str:
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on the device of {path} ({error.strerror})"
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and shutil.disk_usage(existing).free < FULL_DISK_BYTES:
+        free = shutil.disk_usage(existing).free / 2**20
+        return f"no space left on the device of {path} ({free:.1f} MiB free; {type(error).__name__}: {error})"
     return f"{type(error).__name__}: {error}"
 
 
