@@ -43,10 +43,27 @@ def construct(make_model: Callable[[], RTDModel], ds_config: dict, partitioned: 
     """
     if not partitioned:
         return make_model()
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = make_model()
+    # zero.Init casts each new tensor to the training dtype *after* creating it, so a whole
+    # float32 table (a 251k-row embedding: 0.7 GiB) and its bf16 copy briefly coexist on every
+    # rank; created in the training dtype from the start, only the copy ever exists.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(parameter_dtype(ds_config))
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = make_model()
+    finally:
+        torch.set_default_dtype(previous)
     initialize_partitions(model, model.config.initializer_range, seed)
     return model
+
+
+def parameter_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype DeepSpeed keeps the model's parameters in: bf16 or fp16 when enabled, else fp32."""
+    if ds_config.get("bf16", {}).get("enabled", False):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled", False):
+        return torch.float16
+    return torch.float32
 
 
 @torch.no_grad()
