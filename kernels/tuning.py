@@ -6,8 +6,8 @@ of two, so a new length rarely means a new search) and the kernel's flags; seque
 itself is not a compile-time constant, so lengths in one bucket share compiled kernels.
 
 * Under ``TRITON_INTERPRET=1`` one small fixed config is used (no timing in the interpreter).
-* Otherwise the first call for a key times every candidate that fits the GPU (a handful,
-  filtered by shared memory) on the real inputs, keeps the fastest, and writes it to
+* Otherwise the first call for a key times every candidate (a handful; one the compiler
+  rejects for its registers or shared memory is skipped) on the real inputs, keeps the fastest, and writes it to
   ``$DV3_KERNEL_CACHE`` (default ``~/.cache/dv3/kernel_configs.json``), so later runs
   skip the search. ``DV3_KERNEL_AUTOTUNE=0`` uses the first candidate without timing.
 * The backward has two variants (``kernels.config.BACKWARD_VARIANTS``). ``DV3_KERNEL_BACKWARD``
