@@ -266,6 +266,13 @@ def held_out_table(runs: dict) -> list[str]:
               "the same masks for every mode; each discriminator detects its own generator's replacements, so "
               "the replaced fraction (how often the generator's sample differs from the original) differs by mode. "
               "A precision of — means that discriminator predicted no replaced token at all."]
+    if all("baseline_rtd_accuracy" in run["evaluation"]["held_out"] for run in runs.values()):
+        always_original = ", ".join(
+            f"{MODE_NAMES.get(mode, mode)} {_number(run['evaluation']['held_out']['baseline_rtd_accuracy'], 4)}"
+            for mode, run in runs.items())
+        lines += ["", f"Trivial baselines on the same tokens: always answering \"original\" has RTD accuracy "
+                  f"1 − replaced fraction ({always_original}) and ROC AUC 0.5; predicting the most frequent "
+                  f"token has MLM accuracy {_number(first['baseline_mlm_accuracy'], 4)}."]
     return lines
 
 
