@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import RunConfig, add_config_flags, build_run_config, overrides_from_args
+from engine.config.encoder import PRESETS
 from engine.config.loading import read_config_file
 from engine.errors import ConfigError
 
@@ -138,3 +139,27 @@ def test_pretrain_refuses_a_folder_that_is_not_a_checkpoint_in_one_line(tmp_path
     assert result.stderr.strip().splitlines()[-1] == (
         f"dv3 pretrain: error: resume: {not_a_checkpoint} is not a complete dv3 checkpoint (no COMPLETE or dv3_state.json)")
     assert not (tmp_path / "run").exists()
+
+
+RECIPES = ("xsmall", "small", "base", "large", "mbase")
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_each_official_recipe_loads_with_the_official_settings_and_names_its_sources(name):
+    path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
+    config = build_run_config(read_config_file(path))
+    assert config.model.preset == name
+    layers = PRESETS[name].num_hidden_layers
+    assert config.rtd.generator_layers == layers // 2  # the official generators are half as deep
+    assert (config.rtd.sharing, config.rtd.enhanced_mask_decoder, config.rtd.masking) == ("gdes", True, "official")
+    assert (config.rtd.rtd_lambda, config.rtd.mask_prob, config.rtd.temperature) == (50.0, 0.15, 1.0)
+    assert (config.optim.clip_mode, config.optim.grad_clip, config.optim.min_lr_ratio) == ("separate", 1.0, 0.0)
+    assert (config.optim.beta1, config.optim.beta2, config.optim.eps, config.optim.weight_decay) == (0.9, 0.98, 1e-6, 0.01)
+    assert config.optim.warmup_steps == 10000 and config.train.steps == 1_000_000
+    assert config.train.global_batch % config.train.micro_batch == 0
+    # Every setting says where it comes from, in a comment on its own line.
+    settings = [line for line in path.read_text().splitlines()
+                if line.startswith("  ") and not line.strip().startswith("#")]
+    unsourced = [line for line in settings if "#" not in line and line.split(":")[0].strip() not in ("keep", "interval",
+                                                                                                  "embedding_similarity_interval")]
+    assert not unsourced, f"{path.name}: settings without a source: {unsourced}"
