@@ -166,7 +166,7 @@ PY
 
 plot() { "$PY" -m kernels.bench --plot-from "$dest/kernels.json" --plot "$dest/kernels.png"; }
 export -f environment kernel_tests kernel_bench train_bench plot
-export PY DEVICE dest
+export PY DEVICE BUDGET dest
 
 for step in "${steps[@]}"; do
     case $step in
