@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the main job on this machine from nothing, in four steps:
-#   1. shards of the embedded English corpus in data/demo (skipped when they verify)
+#   1. shards of the embedded multilingual corpus (10 languages, 6,000 pieces, 64-token rows) in
+#      data/demo-multilingual (skipped when they verify)
 #   2. pretrain the `tiny` preset, RTD + GDES, 500 steps on 2 CPU ranks under ZeRO-3 (runs/demo,
 #      configs/demo_cpu.yaml)
 #   3. export the discriminator (and the generator) as Hugging Face folders
@@ -12,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PY="$VENV/bin/python"
-DATA="${DV3_DEMO_DATA:-data/demo}"
+DATA="${DV3_DEMO_DATA:-data/demo-multilingual}"
 RUN="${DV3_DEMO_RUN:-runs/demo}"
 STEPS="${DV3_DEMO_STEPS:-500}"
 RANKS="${DV3_DEMO_RANKS:-2}"
@@ -26,7 +27,8 @@ echo "== 1/4 data: $DATA"
 if "$PY" -m engine.cli data verify "$DATA" --quick >/dev/null 2>&1; then
   echo "   $DATA verifies; reusing it"
 else
-  "$PY" -m engine.cli data prepare --output "$DATA" --vocab-size 2000 --seq-len 64 --validation-fraction 0.02
+  "$PY" -m engine.cli data prepare --output "$DATA" --default-corpus multilingual --vocab-size 6000 --seq-len 64 \
+    --validation-fraction 0.02 --threads 2
 fi
 
 echo "== 2/4 pretrain: tiny, $STEPS steps, $RANKS ranks, ZeRO-3 -> $RUN"
