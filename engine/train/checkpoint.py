@@ -204,9 +204,9 @@ def _describe_os_error(error: BaseException, path: Path) -> str:
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on the device of {path} ({error.strerror})"
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and shutil.disk_usage(existing).free < FULL_DISK_BYTES:
-        free = shutil.disk_usage(existing).free / 2**20
-        return f"no space left on the device of {path} ({free:.1f} MiB free; {type(error).__name__}: {error})"
+    free = shutil.disk_usage(existing).free if existing is not None else None
+    if free is not None and free < FULL_DISK_BYTES:
+        return f"no space left on the device of {path} ({free / 2**20:.1f} MiB free; {type(error).__name__}: {error})"
     return f"{type(error).__name__}: {error}"
 
 
