@@ -221,7 +221,9 @@ def run(args: argparse.Namespace) -> int:
                 "batch_size": args.batch_size, "seq_len": seq_len, "seconds": args.seconds, "workers": workers,
                 "masking": args.masking, "mask_prob": 0.15,
             },
-            "dataset": {"dir": str(data), "rows": manifest.rows, "tokens": manifest.tokens,
+            # a temporary folder's name would only say which machine ran it
+            "dataset": {"dir": str(args.data) if args.data else "the default English corpus, prepared for this run",
+                        "rows": manifest.rows, "tokens": manifest.tokens,
                         "vocab_size": manifest.tokenizer.vocab_size},
         }  # fmt: skip
 
