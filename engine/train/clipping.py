@@ -58,10 +58,19 @@ def scale_local_gradient(parameter: nn.Parameter, stage: int, factor: torch.Tens
     gradient = local_gradient(parameter, stage)
     if gradient is None:
         return
-    if stage == 3:  # a copy, not a view: write it back through DeepSpeed
+    if stage == 3 and not _is_stored_gradient(parameter, gradient):
+        # A copy (offloaded or lower-precision gradients): write the scaled copy back through DeepSpeed.
         safe_set_local_grad(parameter, gradient * factor)
     else:
         gradient.mul_(factor.to(gradient.dtype))
+
+
+def _is_stored_gradient(parameter: nn.Parameter, gradient: torch.Tensor) -> bool:
+    """Whether ZeRO-3 handed out its own fp32 gradient partition (a view) rather than a copy: then
+    scaling it in place saves a copy and a write-back of every gradient (an embedding table's
+    gradient is hundreds of MB)."""
+    again = safe_get_local_grad(parameter)
+    return again is not None and again.data_ptr() == gradient.data_ptr()
 
 
 @dataclass
@@ -78,11 +87,14 @@ def squared_norms(parameter_lists: list[list[nn.Parameter]], stage: int, device:
     summed over ranks, in one all-reduce (a device tensor; nothing waits for it here)."""
     squares = []
     for parameters in parameter_lists:
+        # One pass over each gradient in its own precision (at least fp32, as torch's
+        # clip_grad_norm_ does); only the per-tensor norms are squared and summed in float64. A
+        # float64 copy of each gradient cost 1 s a step at `small` (a 128k-row embedding).
+        norms = [torch.linalg.vector_norm(gradient.detach(), dtype=_norm_dtype(gradient))
+                 for parameter in parameters if (gradient := local_gradient(parameter, stage)) is not None]
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for parameter in parameters:
-            gradient = local_gradient(parameter, stage)
-            if gradient is not None:
-                total += gradient.detach().double().pow(2).sum()
+        if norms:
+            total = total + torch.stack(norms).double().square().sum()
         squares.append(total)
     reduced = torch.cat([torch.stack(squares), torch.tensor(list(extra), dtype=torch.float64, device=device)])
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -90,6 +102,10 @@ def squared_norms(parameter_lists: list[list[nn.Parameter]], stage: int, device:
             reduced[:len(parameter_lists)] /= dist.get_world_size()
         dist.all_reduce(reduced)
     return reduced
+
+
+def _norm_dtype(gradient: torch.Tensor) -> torch.dtype:
+    return torch.float64 if gradient.dtype == torch.float64 else torch.float32
 
 
 def group_gradient_norms(group_members: dict[str, list[nn.Parameter]], stage: int,
