@@ -10,7 +10,7 @@ from kernels.attention import (
     select_attention_path,
 )
 from kernels.reference import disentangled_attention_reference
-from kernels.relative_position import log_bucket, relative_slots, relative_span, slot_of_distance
+from kernels.relative_position import log_bucket, relative_slots, relative_span, slot_of_distance, used_slots
 
 # Marker that lets ``engine`` tell this package from Hugging Face's unrelated ``kernels``.
 DV3_KERNELS = True
@@ -26,4 +26,5 @@ __all__ = [
     "relative_span",
     "select_attention_path",
     "slot_of_distance",
+    "used_slots",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.relative_position import relative_slots
+from kernels.relative_position import relative_slots, used_slots
 
 
 def disentangled_attention_reference(
@@ -37,12 +37,15 @@ def disentangled_attention_reference(
     batch, heads, length, head_dim = q.shape
     if scale is None:
         scale = (head_dim * 3) ** -0.5
-    slots = relative_slots(length, length, position_buckets, max_relative_positions, device=q.device)
+    # Score against the rows slot(i - j) reaches only (a window of the 2k rows; all of them
+    # once the sequence is long enough), then index the window.
+    first, last = used_slots(length, position_buckets, max_relative_positions)
+    slots = relative_slots(length, length, position_buckets, max_relative_positions) - first
 
     content = torch.matmul(q, k.transpose(-1, -2))
-    c2p_table = torch.matmul(q, rel_key.transpose(-1, -2))  # [B, H, L, 2k]
-    p2c_table = torch.matmul(k, rel_query.transpose(-1, -2))  # [B, H, L, 2k]
-    index = slots.expand(batch, heads, length, length)
+    c2p_table = torch.matmul(q, rel_key[:, first:last + 1].transpose(-1, -2))  # [B, H, L, window]
+    p2c_table = torch.matmul(k, rel_query[:, first:last + 1].transpose(-1, -2))  # [B, H, L, window]
+    index = slots.to(q.device).expand(batch, heads, length, length)
     c2p = torch.gather(c2p_table, -1, index)
     # p2c[i, j] = K_j . Qr[slot(i - j)]: gather row j at slot(i - j), i.e. index slots^T, then transpose.
     p2c = torch.gather(p2c_table, -1, index.transpose(-1, -2)).transpose(-1, -2)

@@ -78,6 +78,16 @@ def slot_of_distance(
     return table if device is None else table.to(device)
 
 
+@torch.compiler.assume_constant_result  # a constant of the shapes: torch.compile must not trace the lookup
+def used_slots(length: int, position_buckets: int, max_relative_positions: int) -> tuple[int, int]:
+    """``(first, last)``: the rows of the relative table that ``slot(i - j)`` reaches for
+    ``i, j < length``. ``slot`` is monotone in the distance, so these rows are one window; rows
+    outside it are never read. At v3's 256 buckets and length 128 it is 255 of the 512 rows, so
+    projecting and scoring only the window halves that work (the table is always 2k rows)."""
+    table = _slot_of_distance_cpu(max(length - 1, 0), position_buckets, max_relative_positions)
+    return int(table[0]), int(table[-1])
+
+
 def relative_slots(
     query_len: int,
     key_len: int,

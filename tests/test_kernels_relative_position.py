@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
 
+from kernels.reference import disentangled_attention_reference
 from kernels.relative_position import (
     DISTANCE_SENTINEL,
     log_bucket,
@@ -12,6 +13,7 @@ from kernels.relative_position import (
     relative_span,
     slot_geometry,
     slot_of_distance,
+    used_slots,
 )
 
 # (position_buckets, max_relative_positions): the v3 setting first, then small ones the kernel
@@ -87,3 +89,27 @@ def test_v3_geometry_matches_the_design_notes():
     g = slot_geometry(256, 512)
     assert (g.rows, g.far_hi, g.far_lo) == (512, 506, -512)
     assert g.exact_lo <= -128 and g.exact_hi >= 128
+
+
+@pytest.mark.parametrize("buckets,max_position", HF_SETTINGS + [(0, 16)])
+@pytest.mark.parametrize("length", [1, 2, 17, 128, 300, 1024])
+def test_used_slots_is_the_window_of_rows_a_length_reaches(buckets, max_position, length):
+    slots = relative_slots(length, length, buckets, max_position)
+    assert used_slots(length, buckets, max_position) == (int(slots.min()), int(slots.max()))
+
+
+def test_reference_attention_never_reads_a_row_outside_the_window():
+    torch.manual_seed(0)
+    batch, heads, length, head_dim, buckets, max_position = 2, 2, 24, 8, 32, 128
+    q, k, v = (torch.randn(batch, heads, length, head_dim) for _ in range(3))
+    rel_key, rel_query = torch.randn(heads, 2 * buckets, head_dim), torch.randn(heads, 2 * buckets, head_dim)
+    first, last = used_slots(length, buckets, max_position)
+    assert 0 < first and last < 2 * buckets - 1  # the window is a strict part of the table here
+    expected = disentangled_attention_reference(q, k, v, rel_key, rel_query, position_buckets=buckets,
+                                                max_relative_positions=max_position)
+    outside = torch.ones(2 * buckets, dtype=torch.bool)
+    outside[first:last + 1] = False
+    rel_key[:, outside], rel_query[:, outside] = float("nan"), float("nan")
+    got = disentangled_attention_reference(q, k, v, rel_key, rel_query, position_buckets=buckets,
+                                           max_relative_positions=max_position)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

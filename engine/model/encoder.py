@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.config.encoder import EncoderConfig
-from kernels import disentangled_attention
+from kernels import disentangled_attention, used_slots
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -123,9 +123,14 @@ class DisentangledSelfAttention(nn.Module):
         k = self._split_heads(self.key_proj(hidden_states))
         v = self._split_heads(self.value_proj(hidden_states))
         # share_att_key: the relative table is projected by this layer's own query/key projections.
-        rel = self.pos_dropout(rel_embeddings)
-        rel_query = self._split_relative(self.query_proj(rel))
-        rel_key = self._split_relative(self.key_proj(rel))
+        # Only the window of rows this length reaches is projected (at L=128, 255 of 512 rows);
+        # the rows outside it are never read, and stay zero. The dropout is drawn over the whole
+        # table, as Hugging Face draws it, so both consume the same random numbers.
+        first, last = used_slots(hidden_states.shape[1], self.position_buckets, self.max_relative_positions)
+        rel = self.pos_dropout(rel_embeddings)[first:last + 1]
+        outside = (0, 0, first, rel_embeddings.shape[0] - 1 - last)
+        rel_query = self._split_relative(F.pad(self.query_proj(rel), outside))
+        rel_key = self._split_relative(F.pad(self.key_proj(rel), outside))
         context = disentangled_attention(
             q, k, v, rel_key, rel_query, attention_mask,
             position_buckets=self.position_buckets,

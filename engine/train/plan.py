@@ -17,6 +17,7 @@ import torch
 
 from engine.config import EncoderConfig, RTDConfig
 from engine.model import RTDModel
+from kernels import used_slots
 
 GIB = 2**30
 ATTENTION_PATHS = ("fused", "reference")
@@ -89,10 +90,13 @@ def layer_activation_bytes(encoder: EncoderConfig, batch: int, length: int, plan
     """What one encoder layer keeps for the backward (training mode), term by term.
 
     B sequences of L tokens, hidden h, FFN width f, n heads, R = 2 * position_buckets relative
-    rows; t bytes per activation, m per dropout-mask element (t on a CPU, 1 on CUDA).
+    rows (W of them reached at length L); t bytes per activation, m per dropout-mask element (t on
+    a CPU, 1 on CUDA).
     """
     B, L, h, f, n = batch, length, encoder.hidden_size, encoder.intermediate_size, encoder.num_attention_heads
     R = 2 * encoder.relative_span
+    first, last = used_slots(L, encoder.position_buckets, encoder.relative_max_positions)
+    W = last - first + 1  # the relative rows this length reaches: the ones projected and scored
     t = DTYPES[plan.dtype]
     dropout = encoder.hidden_dropout_prob > 0 or encoder.attention_probs_dropout_prob > 0
     m = (t if plan.device == "cpu" else 1) if dropout else 0
@@ -102,13 +106,15 @@ def layer_activation_bytes(encoder: EncoderConfig, batch: int, length: int, plan
     # input, its GELU input and output, the dropout mask, the LayerNorm's input and stats.
     block = (B * L * h * t * (1 + (1 if query_separate else 0)) + B * L * h * (t + m + t) + stats
              + B * L * h * t + 2 * B * L * f * t + B * L * h * (m + t) + stats)
-    # The relative table's dropout (mask) and its dropped copy, which the projections read.
+    # The relative table's dropout mask and its dropped copy (the projections read a window of it,
+    # which keeps the whole copy alive).
     block += R * h * (t + m)
     if plan.attention == "reference":
-        # Q, K (twice, one transposed), V and Q again as [B*n, L, d]; the relative keys and queries
-        # expanded to [B*n, R, d]; the c2p and p2c tables [B, n, L, R]; the slot index [L, L] (int64);
-        # the softmax output, its dropout mask and the dropped probabilities [B, n, L, L].
-        core = (5 * B * L * h * t + 2 * B * R * h * t + 2 * n * B * L * R * t + 8 * L * L
+        # Q, K (twice, one transposed), V and Q again as [B*n, L, d]; the windows of the relative
+        # keys and queries expanded to [B*n, W, d]; the c2p and p2c tables [B, n, L, W]; the slot
+        # index [L, L] (int64); the softmax output, its dropout mask and the dropped probabilities
+        # [B, n, L, L].
+        core = (5 * B * L * h * t + 2 * B * W * h * t + 2 * n * B * L * W * t + 8 * L * L
                 + n * B * L * L * (t + (m + t if dropout else 0)))
     else:
         # The fused kernels keep Q, K, V, the output and the rows' log-sum-exp (fp32), and the
