@@ -153,7 +153,7 @@ class TrainSection:
     max_nonfinite_in_a_row: int = 10
     activation_checkpointing: int = 0  # recompute every k-th encoder layer in the backward (0: off, 1: all)
     partitioned_construction: bool = True  # under ZeRO-3, build the model already partitioned (zero.Init)
-    compile: bool = False  # torch.compile each encoder layer (the fused attention as one custom op)
+    compile: bool = False  # torch.compile each encoder layer's forward (the attention one op in the graph)
     fail_loss_at_steps: list[int] = field(default_factory=list)  # fault injection for tests: NaN loss there
 
     def __post_init__(self) -> None:
