@@ -222,3 +222,18 @@ def test_no_mask_means_no_padding():
     ones = model(ids, torch.ones_like(ids), masked_ids, labels, sampling_generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(unmasked.loss, ones.loss)
     assert torch.equal(unmasked.rtd_labels, ones.rtd_labels)
+
+
+def test_sampled_tokens_follow_the_generators_distribution_and_never_a_zero_probability():
+    from engine.model.rtd import sample_rows
+
+    weights = torch.tensor([0.0, 0.5, 0.0, 0.25, 0.15, 0.1, 0.0])
+    draws = sample_rows(weights.expand(200_000, -1).contiguous(), torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws, minlength=weights.numel()).double() / draws.numel()
+    assert (frequencies[weights == 0] == 0).all()
+    # 200k draws: a frequency's standard error is at most 0.0011; 5 of them is the tolerance.
+    torch.testing.assert_close(frequencies, weights.double(), rtol=0, atol=0.0056)
+    # a row whose only weight is its last entry: the draw never runs past it
+    last_only = torch.zeros(1000, 5)
+    last_only[:, -1] = 1e-30
+    assert (sample_rows(last_only, torch.Generator().manual_seed(1)) == 4).all()
