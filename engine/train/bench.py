@@ -138,6 +138,9 @@ def bench_preset(preset: str, names: list[str], *, vocab_size: int | None, shari
         for index in range(count):
             seed_step(0, index, rank)  # the same dropout and sampling draws for every contender
             result = train_step(parallel[name], iter(batches[index:index + 1]), 1, timed=True)
+            if result.skipped:  # a timing of a step that did not happen would mean nothing
+                raise RuntimeError(f"{preset}: {name}'s step {index + 1} had a non-finite gradient and was "
+                                   f"skipped (norms {result.clip.norms}); try another --deepspeed-config dtype")
             final_loss[name] = float(result.losses[0])
             if record:
                 timings[name]["forward_backward_s"].append(result.forward_backward_s)
