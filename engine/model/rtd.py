@@ -221,7 +221,8 @@ class RTDModel(nn.Module):
     def layers_run_once(self) -> list[nn.Module]:
         """The encoder layers that run once per forward: all but the generator's last one when the
         Enhanced Mask Decoder runs it twice more."""
-        reused = [self.generator.deberta.encoder.layer[-1]] if self.rtd.enhanced_mask_decoder else []
+        generator_layers = [module for module in self.generator.modules() if isinstance(module, Layer)]
+        reused = generator_layers[-1:] if self.rtd.enhanced_mask_decoder else []
         return [layer for layer in self.encoder_layers() if all(layer is not other for other in reused)]
 
     def compile_layers(self) -> None:
