@@ -164,3 +164,15 @@ def test_each_official_recipe_loads_with_the_official_settings_and_names_its_sou
                 if line.startswith("  ") and not line.strip().startswith("#")]
     unsourced = [line for line in settings if "#" not in line and line.split(":")[0].strip() not in own_choices]
     assert not unsourced, f"{path.name}: settings without a source: {unsourced}"
+
+
+def test_compile_with_bf16_on_a_cpu_is_refused_and_fp32_is_not(monkeypatch):
+    from engine.train.trainer import check_compile_is_sound
+
+    monkeypatch.delenv("DV3_ATTENTION", raising=False)
+    config = build_run_config({}, {"train.compile": True})
+    with pytest.raises(ConfigError, match="train.compile: with bf16 on a CPU"):
+        check_compile_is_sound(config, {"bf16": {"enabled": True}}, cuda=False)
+    check_compile_is_sound(config, {"bf16": {"enabled": False}}, cuda=False)
+    check_compile_is_sound(config, {"bf16": {"enabled": True}}, cuda=True)
+    check_compile_is_sound(build_run_config({}, {}), {"bf16": {"enabled": True}}, cuda=False)

@@ -27,9 +27,10 @@ from engine.train.checkpoint import CheckpointInfo, TrainState
 from engine.train.data import TrainingData, open_training_data
 from engine.train.distributed import DistributedEnv
 from engine.train.logger import setup_logging
-from engine.train.parallel import ParallelModel, construct, load_weights, parallelize, zero_stage
+from engine.train.parallel import ParallelModel, construct, load_weights, parallelize, parameter_dtype, zero_stage
 from engine.train.preemption import StopRequest
 from engine.train.step import seed_step
+from kernels.attention import attention_path_from_env
 
 log = logging.getLogger("dv3")
 
@@ -63,10 +64,22 @@ def check_fits_the_data(config: RunConfig, data: TrainingData) -> None:
                           "--rtd.enhanced-mask-decoder false")
 
 
+def check_compile_is_sound(config: RunConfig, ds_config: dict, cuda: bool) -> None:
+    """``train.compile`` with bf16 on a CPU is refused: there torch's compiler (Inductor) turns
+    the reference attention's relative gathers and softmax, fused in bf16, into NaN (measured with
+    torch 2.13; fp32, and eager bf16, are right)."""
+    if (config.train.compile and not cuda and parameter_dtype(ds_config) != torch.float32
+            and attention_path_from_env() != "fused"):
+        raise ConfigError(f"train.compile: with bf16 on a CPU, torch {torch.__version__}'s compiled reference "
+                          "attention gives NaN; use an fp32 DeepSpeed config (ds_configs/cpu.json) or "
+                          "--train.compile false")
+
+
 def build_model(config: RunConfig, data: TrainingData, ds_config: dict, env: DistributedEnv) -> RTDModel:
     """The RTD model for the data's vocabulary, identical on every rank: built whole, or under
     ZeRO-3 (``train.partitioned_construction``) already partitioned; from a HF folder's weights
     with ``model.init_from`` (read by rank 0 alone when partitioned)."""
+    check_compile_is_sound(config, ds_config, torch.cuda.is_available())
     partitioned = config.train.partitioned_construction and zero_stage(ds_config) == 3
     seed_step(config.train.seed, 0, 0)
     model = construct(lambda: RTDModel(config.encoder_config(data.vocab_size), config.rtd, data.mask_token_id),
