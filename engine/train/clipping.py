@@ -58,19 +58,13 @@ def scale_local_gradient(parameter: nn.Parameter, stage: int, factor: torch.Tens
     gradient = local_gradient(parameter, stage)
     if gradient is None:
         return
-    if stage == 3 and not _is_stored_gradient(parameter, gradient):
-        # A copy (offloaded or lower-precision gradients): write the scaled copy back through DeepSpeed.
+    if stage == 3 and gradient._base is None:
+        # A copy (offloaded or lower-precision gradients): write the scaled copy back through
+        # DeepSpeed. Otherwise ZeRO-3 handed out a view of its own fp32 gradient buffer, scaled in
+        # place: no copy and write-back of every gradient (an embedding's is hundreds of MB).
         safe_set_local_grad(parameter, gradient * factor)
     else:
         gradient.mul_(factor.to(gradient.dtype))
-
-
-def _is_stored_gradient(parameter: nn.Parameter, gradient: torch.Tensor) -> bool:
-    """Whether ZeRO-3 handed out its own fp32 gradient partition (a view) rather than a copy: then
-    scaling it in place saves a copy and a write-back of every gradient (an embedding table's
-    gradient is hundreds of MB)."""
-    again = safe_get_local_grad(parameter)
-    return again is not None and again.data_ptr() == gradient.data_ptr()
 
 
 @dataclass
